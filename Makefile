@@ -1,0 +1,175 @@
+# slabd build: every module folder becomes a static library in $(BUILD), the
+# programs link against those, and each tests/test_*.c is one Criterion binary.
+#
+#   make                 build everything into build/
+#   make test            build and run every Criterion suite
+#   make run             build, fetch the default model, generate through the service
+#   make SANITIZE=address,undefined test
+#                        the same with sanitizers, built into build/sanitize/
+#   make models          copy (or download) the model files and check their sha256
+
+CC ?= gcc
+SANITIZE ?=
+BUILD ?= build$(if $(SANITIZE),/sanitize)
+PREFIX ?= /usr/local
+
+# Directory the model files are copied from before falling back to a download.
+MODEL_MIRROR ?= ../shared/models
+# Directory `make models` fills and `make run` reads.
+MODEL_DIR ?= $(BUILD)/models
+MODEL_URL ?= https://huggingface.co/karpathy/tinyllamas/resolve/main/stories260K
+
+DEB_PACKAGES := liburing-dev libprotobuf-c-dev protobuf-c-compiler \
+	libcriterion-dev pkg-config libsystemd-dev
+
+CFLAGS ?= -O2 -g
+override CFLAGS += -std=c17 -Wall -Wextra -Werror -D_GNU_SOURCE -pthread \
+	-MMD -MP -I. -I$(BUILD)
+LDLIBS := -pthread -lm
+ifneq ($(SANITIZE),)
+override CFLAGS += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer \
+	-fno-sanitize-recover=all
+LDFLAGS += -fsanitize=$(SANITIZE)
+endif
+
+PKG_LIBS = $(shell pkg-config --libs liburing libprotobuf-c libsystemd 2>/dev/null)
+CRITERION_LIBS = $(shell pkg-config --libs criterion 2>/dev/null || echo -lcriterion)
+
+# Module libraries. A program's main() lives in a file named in MAIN_SOURCES
+# so the rest of each folder can be linked into any program or test.
+MAIN_SOURCES := worker/slab_run.c worker/worker_main.c client/slabctl.c \
+	broker/main.c bench/synth_model.c bench/quantize.c
+ENGINE_SRC := $(filter-out $(MAIN_SOURCES),$(wildcard worker/*.c))
+SHM_SRC := $(filter-out $(MAIN_SOURCES),$(wildcard shm/*.c))
+PROTO_DEFS := $(wildcard proto/*.proto)
+PROTO_GEN := $(patsubst proto/%.proto,$(BUILD)/proto/%.pb-c.c,$(PROTO_DEFS))
+PROTO_HDR := $(PROTO_GEN:.c=.h)
+PROTO_SRC := $(filter-out $(MAIN_SOURCES),$(wildcard proto/*.c))
+CLIENT_SRC := $(filter-out $(MAIN_SOURCES),$(wildcard client/*.c))
+BROKER_SRC := $(filter-out $(MAIN_SOURCES),$(wildcard broker/*.c))
+TEST_SRC := $(wildcard tests/test_*.c)
+
+objects = $(patsubst %.c,$(BUILD)/obj/%.o,$(1))
+
+LIB_ENGINE := $(BUILD)/libslab_engine.a
+LIB_SHM := $(BUILD)/libslab_shm.a
+LIB_PROTO := $(BUILD)/libslab_proto.a
+LIB_CLIENT := $(BUILD)/libslab.a
+LIB_BROKER := $(BUILD)/libslab_broker.a
+# Link order: dependents first.
+ALL_LIBS := $(LIB_BROKER) $(LIB_CLIENT) $(LIB_PROTO) $(LIB_SHM) $(LIB_ENGINE)
+
+PROGRAMS := $(BUILD)/slab-run $(BUILD)/slab-synth
+ifneq ($(wildcard worker/worker_main.c),)
+PROGRAMS += $(BUILD)/slabd-worker
+endif
+ifneq ($(wildcard broker/main.c),)
+PROGRAMS += $(BUILD)/slabd
+endif
+ifneq ($(wildcard client/slabctl.c),)
+PROGRAMS += $(BUILD)/slabctl
+endif
+ifneq ($(wildcard bench/quantize.c),)
+PROGRAMS += $(BUILD)/slab-quantize
+endif
+TESTS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
+
+.PHONY: all deps test run models clean install bench
+.DEFAULT_GOAL := all
+
+all: $(PROGRAMS) $(TESTS)
+
+# Installs the Debian packages the build needs when run as root; otherwise
+# prints the apt-get line to run and fails.
+deps:
+	@missing=""; \
+	for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing:$$missing"; \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+		else \
+			echo "missing Debian packages; run as root:"; \
+			echo "  apt-get install -y$$missing"; \
+			exit 1; \
+		fi; \
+	fi
+
+$(PROGRAMS) $(TESTS) $(ALL_LIBS): | deps
+
+$(BUILD)/proto/%.pb-c.c $(BUILD)/proto/%.pb-c.h: proto/%.proto | deps
+	@mkdir -p $(BUILD)/proto
+	protoc-c --proto_path=proto --c_out=$(BUILD)/proto $<
+
+$(BUILD)/obj/$(BUILD)/proto/%.pb-c.o: $(BUILD)/proto/%.pb-c.c
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -Wno-unused-parameter -c -o $@ $<
+
+# Every object may include a generated protobuf header.
+$(BUILD)/obj/%.o: %.c | $(PROTO_HDR) deps
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -c -o $@ $<
+
+$(LIB_ENGINE): $(call objects,$(ENGINE_SRC))
+$(LIB_SHM): $(call objects,$(SHM_SRC))
+$(LIB_PROTO): $(call objects,$(PROTO_SRC) $(PROTO_GEN))
+$(LIB_CLIENT): $(call objects,$(CLIENT_SRC))
+$(LIB_BROKER): $(call objects,$(BROKER_SRC))
+$(ALL_LIBS):
+	@mkdir -p $(@D)
+	rm -f $@
+	$(if $^,ar rcs $@ $^,ar rcs $@)
+
+$(BUILD)/slab-run: $(call objects,worker/slab_run.c) $(ALL_LIBS)
+$(BUILD)/slab-synth: $(call objects,bench/synth_model.c) $(ALL_LIBS)
+$(BUILD)/slabd-worker: $(call objects,worker/worker_main.c) $(ALL_LIBS)
+$(BUILD)/slabd: $(call objects,broker/main.c) $(ALL_LIBS)
+$(BUILD)/slabctl: $(call objects,client/slabctl.c) $(ALL_LIBS)
+$(BUILD)/slab-quantize: $(call objects,bench/quantize.c) $(ALL_LIBS)
+$(PROGRAMS):
+	$(CC) $(LDFLAGS) -o $@ $< $(ALL_LIBS) $(PKG_LIBS) $(LDLIBS)
+
+$(BUILD)/tests/%: $(call objects,tests/%.c) $(ALL_LIBS)
+	@mkdir -p $(@D)
+	$(CC) $(LDFLAGS) -o $@ $< $(ALL_LIBS) $(PKG_LIBS) $(CRITERION_LIBS) $(LDLIBS)
+
+# Tests find programs and models through these variables.
+export SLAB_BUILD_DIR := $(abspath $(BUILD))
+export SLAB_MODELS ?= $(abspath $(MODEL_MIRROR))
+
+test: all
+	@failed=0; \
+	for t in $(TESTS); do \
+		echo "== $$t"; \
+		$$t --jobs=2 || failed=1; \
+	done; \
+	exit $$failed
+
+# Copies each model file from MODEL_MIRROR, or downloads it, and checks its
+# sha256 either way.
+MODEL_FILES := \
+	stories260K.bin:b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696 \
+	tok512.bin:037cb335abb25d1fa9e8ecae30ed2a3a8ace9302862ebcdc05d51a6bbb10c312
+models:
+	@mkdir -p $(MODEL_DIR)
+	@for entry in $(MODEL_FILES); do \
+		name=$${entry%%:*}; sum=$${entry##*:}; dest=$(MODEL_DIR)/$$name; \
+		if [ -f "$$dest" ] && echo "$$sum  $$dest" | sha256sum -c --quiet - 2>/dev/null; then continue; fi; \
+		if [ -f "$(MODEL_MIRROR)/$$name" ]; then \
+			cp "$(MODEL_MIRROR)/$$name" "$$dest.tmp"; \
+		else \
+			echo "downloading $$name from $(MODEL_URL)"; \
+			curl -fsSL -o "$$dest.tmp" "$(MODEL_URL)/$$name" || { rm -f "$$dest.tmp"; echo "failed to download $$name; put it in MODEL_MIRROR=DIR"; exit 1; }; \
+		fi; \
+		if ! echo "$$sum  $$dest.tmp" | sha256sum -c --quiet -; then \
+			rm -f "$$dest.tmp"; echo "$$name: sha256 mismatch, expected $$sum"; exit 1; \
+		fi; \
+		mv "$$dest.tmp" "$$dest"; echo "$$dest: ok"; \
+	done
+
+clean:
+	rm -rf build
+
+-include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

@@ -1,0 +1,301 @@
+/*
+ * The inference engine: loads a Llama-family checkpoint and its tokenizer,
+ * runs prefill and decode steps over a paged KV cache that lives in memory
+ * the caller provides, and samples the next token.
+ *
+ * Every function returns 0 (or a count) on success and a negative errno value
+ * on failure; functions that take a `struct engine_error` fill it with a
+ * sentence naming the file, field, value and what was expected. Nothing here
+ * logs.
+ *
+ * Determinism: every floating-point reduction (dot products, RMSNorm,
+ * softmax, attention sums) runs in an order fixed by the model shape alone,
+ * so logits are bitwise identical whatever the batch composition, the thread
+ * count, or whether a position is computed in prefill or in decode.
+ */
+#ifndef SLAB_ENGINE_H
+#define SLAB_ENGINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define ENGINE_TOKEN_BOS 1
+#define ENGINE_TOKEN_EOS 2
+
+/* Upper bounds a checkpoint header must respect to be loaded. */
+#define ENGINE_MAX_DIM 16384
+#define ENGINE_MAX_HIDDEN_DIM 65536
+#define ENGINE_MAX_LAYERS 256
+#define ENGINE_MAX_HEADS 256
+#define ENGINE_MAX_VOCAB 1048576
+#define ENGINE_MAX_SEQ_LEN 1048576
+
+struct engine_error {
+	char message[512];
+};
+
+/* Model hyperparameters as read from a checkpoint header. */
+struct engine_shape {
+	int32_t dim;
+	int32_t hidden_dim;
+	int32_t n_layers;
+	int32_t n_heads;
+	int32_t n_kv_heads;
+	int32_t vocab_size;
+	int32_t seq_len;
+	bool shared_classifier; /* classifier reuses the token embedding table */
+};
+
+static inline int32_t engine_head_size(const struct engine_shape *shape)
+{
+	return shape->dim / shape->n_heads;
+}
+
+static inline int32_t engine_kv_dim(const struct engine_shape *shape)
+{
+	return engine_head_size(shape) * shape->n_kv_heads;
+}
+
+/* ---- Model weights ---------------------------------------------------- */
+
+/*
+ * Weight type of a tensor. Float32 is the checkpoint format; the quantized
+ * types keep blocks of 32 weights with one float16 scale.
+ */
+enum engine_weight_type {
+	ENGINE_WEIGHT_F32 = 0,
+	ENGINE_WEIGHT_Q8_0 = 1,
+	ENGINE_WEIGHT_Q4_0 = 2,
+};
+
+struct engine_model;
+
+/*
+ * Maps a llama2.c checkpoint read-only and validates its header and size.
+ * On success *out owns the mapping; release it with engine_model_close().
+ * Returns -ENOENT, -EACCES (the open error), -EINVAL for a malformed header
+ * or a size that disagrees with it, with err naming the field.
+ */
+int engine_model_open(const char *path, struct engine_model **out,
+		      struct engine_error *err);
+void engine_model_close(struct engine_model *model);
+const struct engine_shape *engine_model_shape(const struct engine_model *model);
+
+/*
+ * Validates a header and the file size it implies. Exposed for the tools
+ * that write checkpoints. Returns 0 or -EINVAL with err filled.
+ */
+int engine_shape_check(const char *path, const struct engine_shape *shape,
+		       uint64_t file_size, struct engine_error *err);
+
+/* Bytes of float32 weights a checkpoint of this shape holds after its header. */
+uint64_t engine_checkpoint_bytes(const struct engine_shape *shape);
+
+/* ---- Tokenizer ---------------------------------------------------------- */
+
+struct engine_tokenizer;
+
+/*
+ * Loads a tokenizer file in the llama2.c format for a model of vocab_size
+ * pieces. Fails with -EINVAL when the file holds a different number of
+ * pieces, a piece is malformed, or the file is truncated.
+ */
+int engine_tokenizer_open(const char *path, int32_t vocab_size,
+			  struct engine_tokenizer **out,
+			  struct engine_error *err);
+void engine_tokenizer_close(struct engine_tokenizer *tokenizer);
+int32_t engine_tokenizer_vocab_size(const struct engine_tokenizer *tokenizer);
+
+/*
+ * Encodes len bytes of text into token ids, BOS first when add_bos is set.
+ * Bytes with no piece of their own become byte-fallback tokens. Writes at
+ * most max_ids ids and stores the full count in *n_ids. Returns 0, or
+ * -ENOBUFS when max_ids was too small (*n_ids then holds the count needed).
+ */
+int engine_tokenize(const struct engine_tokenizer *tokenizer, const char *text,
+		    size_t len, bool add_bos, int32_t *ids, size_t max_ids,
+		    size_t *n_ids);
+
+/*
+ * Returns the bytes token id stands for, given the token before it, and
+ * stores their count in *len. The leading space of the first piece after BOS
+ * is dropped and byte pieces `<0xHH>` become the byte itself. The bytes are
+ * not terminated and may be part of a UTF-8 character.
+ */
+const char *engine_token_bytes(const struct engine_tokenizer *tokenizer,
+			       int32_t previous, int32_t id, size_t *len);
+
+/*
+ * Streaming detokenizer: turns token ids into text that never ends with half
+ * of a multi-byte UTF-8 character. Invalid UTF-8 sequences come out as
+ * U+FFFD.
+ */
+struct engine_detokenizer {
+	uint8_t pending[4];
+	uint8_t n_pending;
+	int32_t previous;
+};
+
+void engine_detokenizer_init(struct engine_detokenizer *detokenizer,
+			     int32_t previous);
+
+/*
+ * Appends the text of id to out (capacity at least 64 bytes plus the
+ * longest piece) and returns the number of bytes written.
+ */
+size_t engine_detokenize(const struct engine_tokenizer *tokenizer,
+			 struct engine_detokenizer *detokenizer, int32_t id,
+			 char *out, size_t capacity);
+
+/* Writes what is still pending (as U+FFFD) at the end of a stream. */
+size_t engine_detokenize_flush(struct engine_detokenizer *detokenizer,
+			       char *out, size_t capacity);
+
+/* ---- KV cache layout ----------------------------------------------------- */
+
+enum engine_kv_type {
+	ENGINE_KV_F32 = 0,
+	ENGINE_KV_F16 = 1,
+};
+
+/*
+ * One KV block holds block_tokens positions of K and V for every layer and
+ * KV head, laid out as (n_layers, 2, block_tokens, kv_dim) elements of the
+ * KV type: the K rows of a layer, then its V rows.
+ */
+uint64_t engine_kv_block_bytes(const struct engine_shape *shape,
+			       uint32_t block_tokens, enum engine_kv_type type);
+
+/* KV memory shared by all sessions: an array of equal blocks. */
+struct engine_kv {
+	void *base;
+	uint32_t n_blocks;     /* block indices must be below this */
+	uint32_t block_tokens;
+	enum engine_kv_type type;
+};
+
+/* ---- Forward pass ------------------------------------------------------ */
+
+struct engine_options {
+	int threads;          /* rows of each matrix product split among these */
+	int max_batch;        /* sessions per step */
+	int max_step_tokens;  /* tokens per step, summed over its sessions */
+	int max_context;      /* positions per session; 0 means the model's */
+};
+
+/*
+ * One session's part of a step: positions [start, start + n) with their
+ * tokens, and the block table covering at least positions [0, start + n).
+ * When logits is not NULL, the logits of the last position (vocab_size
+ * floats) are written there.
+ */
+struct engine_sequence {
+	const int32_t *tokens;
+	int32_t n;
+	int32_t start;
+	const int32_t *blocks;
+	int32_t n_blocks;
+	float *logits;
+};
+
+/* Counters over the engine's lifetime. A step with any sequence of more than
+ * one token counts as prefill; its time and all its tokens go there. */
+struct engine_metrics {
+	uint64_t prefill_tokens;
+	uint64_t prefill_ns;
+	uint64_t decode_tokens;
+	uint64_t decode_ns;
+	uint64_t steps;
+	uint64_t last_step_tokens;
+	uint64_t last_step_ns;
+};
+
+struct engine;
+
+/*
+ * Creates an engine for a loaded model, allocating every scratch buffer for
+ * the maximum step size and context now, and starting its worker threads.
+ * The model must outlive the engine.
+ */
+int engine_create(const struct engine_model *model,
+		  const struct engine_options *options, struct engine **out,
+		  struct engine_error *err);
+void engine_destroy(struct engine *engine);
+const struct engine_options *engine_get_options(const struct engine *engine);
+
+/*
+ * Runs one step over n_sequences sessions sharing one pass over the weights.
+ * Returns 0, or -EINVAL (with err filled) when a sequence exceeds the
+ * options, names a position outside its block table, or a token outside the
+ * vocabulary. Nothing is written to the KV cache when it fails.
+ */
+int engine_step(struct engine *engine, const struct engine_kv *kv,
+		const struct engine_sequence *sequences, int n_sequences,
+		struct engine_error *err);
+
+/* engine_step() for one session and n tokens at positions start... */
+int engine_prefill(struct engine *engine, const struct engine_kv *kv,
+		   const int32_t *blocks, int32_t n_blocks,
+		   const int32_t *tokens, int32_t n, int32_t start,
+		   float *logits, struct engine_error *err);
+
+/* engine_step() for one session and one token at position pos. */
+int engine_decode(struct engine *engine, const struct engine_kv *kv,
+		  const int32_t *blocks, int32_t n_blocks, int32_t token,
+		  int32_t pos, float *logits, struct engine_error *err);
+
+void engine_get_metrics(const struct engine *engine,
+			struct engine_metrics *metrics);
+
+/* ---- Sampling ---------------------------------------------------------- */
+
+/*
+ * Sampling settings. The stages run in this order: repetition penalty over
+ * the given history, temperature, top-k, softmax, top-p, min-p, then one draw.
+ * Temperature 0 is greedy (argmax after the repetition penalty).
+ */
+struct engine_sampling {
+	float temperature;        /* 0 = greedy */
+	int32_t top_k;            /* 0 = off */
+	float top_p;              /* 1 = off, in (0, 1] */
+	float min_p;              /* 0 = off, in [0, 1] */
+	float repetition_penalty; /* 1 = off, > 0 */
+	uint64_t seed;
+};
+
+/* Default settings: greedy, every filter off. */
+void engine_sampling_defaults(struct engine_sampling *sampling);
+
+/*
+ * Returns a uniform float in [0, 1) drawn from a counter-based generator
+ * keyed by (seed, position): the same pair always gives the same number.
+ */
+float engine_random(uint64_t seed, uint64_t position);
+
+struct engine_sampler;
+
+int engine_sampler_create(int32_t vocab_size, struct engine_sampler **out);
+void engine_sampler_destroy(struct engine_sampler *sampler);
+
+/*
+ * Chooses the token for position `position` from logits (vocab_size floats,
+ * modified in place). history holds the n_history previous tokens the
+ * repetition penalty applies to.
+ */
+int32_t engine_sample(struct engine_sampler *sampler,
+		      const struct engine_sampling *sampling, float *logits,
+		      const int32_t *history, size_t n_history,
+		      uint64_t position);
+
+/* True for the tokens that end a generation (BOS and EOS). */
+static inline bool engine_is_end_token(int32_t id)
+{
+	return id == ENGINE_TOKEN_BOS || id == ENGINE_TOKEN_EOS;
+}
+
+/* ---- Monotonic clock ---------------------------------------------------- */
+
+uint64_t engine_now_ns(void);
+
+#endif

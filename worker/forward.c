@@ -1,0 +1,705 @@
+/*
+ * The Llama 2 forward pass over a paged KV cache. One step runs any mix of
+ * prefill chunks and decode tokens of several sessions with one pass over
+ * each weight matrix: the step's tokens are stacked into one (n_tokens, dim)
+ * activation matrix, and only attention looks at which session a token
+ * belongs to.
+ *
+ * Scratch buffers are allocated by engine_create() for max_step_tokens
+ * tokens and max_context positions; engine_step() allocates nothing.
+ */
+#include "worker/engine_internal.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Matrix products smaller than this many multiply-adds run on one thread. */
+#define PARALLEL_MIN_WORK (1 << 16)
+
+/* One weight matrix times the step's activations. */
+struct matmul_job {
+	float *out;        /* (n_tokens, rows) */
+	const float *x;    /* (n_tokens, n) */
+	const float *w;    /* (rows, n) */
+	int rows;
+	int n;
+};
+
+/* Up to three products over the same tokens, split by rows among threads. */
+struct matmul_task {
+	struct matmul_job jobs[3];
+	int n_jobs;
+	int n_tokens;
+	bool swiglu;       /* jobs[0] = silu(jobs[0]) * jobs[1] afterwards */
+};
+
+struct engine {
+	const struct engine_model *model;
+	struct engine_options options;
+	struct engine_pool *pool;
+	struct engine_metrics metrics;
+
+	float *rope;      /* (max_context, head_size / 2, 2) cos and sin */
+	float *x;         /* (max_step_tokens, dim) residual stream */
+	float *xb;        /* (max_step_tokens, dim) */
+	float *xb2;       /* (max_step_tokens, dim) attention output */
+	float *q;         /* (max_step_tokens, dim) */
+	float *k;         /* (max_step_tokens, kv_dim) */
+	float *v;         /* (max_step_tokens, kv_dim) */
+	float *hb;        /* (max_step_tokens, hidden_dim) */
+	float *hb2;       /* (max_step_tokens, hidden_dim) */
+	float *att;       /* (threads, max_context) attention scores */
+	float *kv_row;    /* (threads, 2, head_size) float16 rows widened */
+	float *last;      /* (max_batch, dim) final hidden state per sequence */
+	float *logits;    /* (max_batch, vocab_size) */
+	int32_t *token_sequence; /* (max_step_tokens) sequence of each token */
+	int32_t *token_position; /* (max_step_tokens) position of each token */
+
+	/* State of the step being run, read by the attention task. */
+	const struct engine_kv *kv;
+	const struct engine_sequence *sequences;
+	int n_tokens;
+	int layer;
+};
+
+
+static void matmul_task_run(void *arg, int ith, int nth)
+{
+	struct matmul_task *task = arg;
+
+	for (int j = 0; j < task->n_jobs; j++) {
+		struct matmul_job *job = &task->jobs[j];
+		int per_thread = (job->rows + nth - 1) / nth;
+		int begin, end;
+
+		/* Keep row ranges a multiple of 4 so tiles stay whole. */
+		per_thread = (per_thread + 3) & ~3;
+		begin = ith * per_thread;
+		end = begin + per_thread;
+		if (end > job->rows)
+			end = job->rows;
+		if (begin >= end)
+			continue;
+		kernel_matmul(job->out, job->rows, job->x, task->n_tokens,
+			      job->w, job->n, begin, end);
+	}
+
+	if (task->swiglu) {
+		struct matmul_job *gate = &task->jobs[0];
+		int per_thread = ((gate->rows + nth - 1) / nth + 3) & ~3;
+		int begin = ith * per_thread;
+		int end = begin + per_thread > gate->rows ? gate->rows
+							  : begin + per_thread;
+
+		for (int t = 0; t < task->n_tokens && begin < end; t++) {
+			size_t row = (size_t)t * gate->rows;
+
+			kernel_swiglu(gate->out + row + begin,
+				      gate->out + row + begin,
+				      task->jobs[1].out + row + begin,
+				      end - begin);
+		}
+	}
+}
+
+
+static void run_matmuls(struct engine *engine, struct matmul_task *task)
+{
+	uint64_t work = 0;
+
+	for (int j = 0; j < task->n_jobs; j++)
+		work += (uint64_t)task->jobs[j].rows * (uint64_t)task->jobs[j].n *
+			(uint64_t)task->n_tokens;
+	if (work < PARALLEL_MIN_WORK)
+		matmul_task_run(task, 0, 1);
+	else
+		engine_pool_run(engine->pool, matmul_task_run, task);
+}
+
+
+/* Address of the K (kv = 0) or V (kv = 1) row of one position. */
+static void *kv_row_address(const struct engine *engine,
+			    const struct engine_sequence *sequence, int layer,
+			    int kv, int position)
+{
+	const struct engine_shape *shape = &engine->model->shape;
+	const struct engine_kv *cache = engine->kv;
+	uint64_t block_bytes = engine_kv_block_bytes(shape, cache->block_tokens,
+						     cache->type);
+	size_t element = cache->type == ENGINE_KV_F16 ? 2 : 4;
+	int32_t block = sequence->blocks[position / (int)cache->block_tokens];
+	size_t row = ((size_t)layer * 2 + (size_t)kv) * cache->block_tokens +
+		     (size_t)(position % (int)cache->block_tokens);
+
+	return (char *)cache->base + (uint64_t)block * block_bytes +
+	       row * (size_t)engine_kv_dim(shape) * element;
+}
+
+
+/* Returns the KV row as floats, widening float16 rows into scratch. */
+static const float *kv_row_read(const struct engine *engine,
+				const struct engine_sequence *sequence,
+				int layer, int kv, int position, int offset,
+				int n, float *scratch)
+{
+	const void *row = kv_row_address(engine, sequence, layer, kv, position);
+
+	if (engine->kv->type == ENGINE_KV_F32)
+		return (const float *)row + offset;
+
+	const _Float16 *half = (const _Float16 *)row + offset;
+
+	for (int i = 0; i < n; i++)
+		scratch[i] = (float)half[i];
+	return scratch;
+}
+
+
+static void kv_row_write(const struct engine *engine,
+			 const struct engine_sequence *sequence, int layer,
+			 int kv, int position, const float *values)
+{
+	void *row = kv_row_address(engine, sequence, layer, kv, position);
+	int kv_dim = engine_kv_dim(&engine->model->shape);
+
+	if (engine->kv->type == ENGINE_KV_F32) {
+		memcpy(row, values, (size_t)kv_dim * sizeof(float));
+		return;
+	}
+	_Float16 *half = row;
+
+	for (int i = 0; i < kv_dim; i++)
+		half[i] = (_Float16)values[i];
+}
+
+
+/*
+ * Attention of every (token, query head) pair of the step, split among
+ * threads. Each pair reads positions 0 .. its own position from the cache,
+ * in ascending order, so its result does not depend on the step.
+ */
+static void attention_task_run(void *arg, int ith, int nth)
+{
+	struct engine *engine = arg;
+	const struct engine_shape *shape = &engine->model->shape;
+	int head_size = engine_head_size(shape);
+	int kv_group = shape->n_heads / shape->n_kv_heads;
+	int n_items = engine->n_tokens * shape->n_heads;
+	int per_thread = (n_items + nth - 1) / nth;
+	int begin = ith * per_thread;
+	int end = begin + per_thread > n_items ? n_items : begin + per_thread;
+	float *att = engine->att + (size_t)ith * engine->options.max_context;
+	float *k_scratch = engine->kv_row + (size_t)ith * 2 * head_size;
+	float *v_scratch = k_scratch + head_size;
+	float scale = sqrtf((float)head_size);
+
+	for (int item = begin; item < end; item++) {
+		int t = item / shape->n_heads;
+		int h = item % shape->n_heads;
+		int position = engine->token_position[t];
+		const struct engine_sequence *sequence =
+			&engine->sequences[engine->token_sequence[t]];
+		const float *q = engine->q + (size_t)t * shape->dim +
+				 (size_t)h * head_size;
+		float *out = engine->xb2 + (size_t)t * shape->dim +
+			     (size_t)h * head_size;
+		int kv_offset = (h / kv_group) * head_size;
+
+		/* Scores against every earlier position and this one. */
+		for (int p = 0; p <= position; p++) {
+			const float *k = kv_row_read(engine, sequence,
+						     engine->layer, 0, p,
+						     kv_offset, head_size,
+						     k_scratch);
+
+			att[p] = kernel_dot(q, k, head_size) / scale;
+		}
+		kernel_softmax(att, position + 1);
+
+		/* Weighted sum of the values, position by position. */
+		memset(out, 0, (size_t)head_size * sizeof(float));
+		for (int p = 0; p <= position; p++) {
+			const float *v = kv_row_read(engine, sequence,
+						     engine->layer, 1, p,
+						     kv_offset, head_size,
+						     v_scratch);
+
+			kernel_axpy(out, att[p], v, head_size);
+		}
+	}
+}
+
+
+/* Multiply-adds of the step's attention, to decide whether to split it. */
+static uint64_t attention_work(const struct engine *engine)
+{
+	const struct engine_shape *shape = &engine->model->shape;
+	uint64_t positions = 0;
+
+	for (int t = 0; t < engine->n_tokens; t++)
+		positions += (uint64_t)engine->token_position[t] + 1;
+	return positions * 2 * (uint64_t)shape->dim;
+}
+
+
+static int check_sequence(const struct engine *engine,
+			  const struct engine_kv *kv,
+			  const struct engine_sequence *sequence, int index,
+			  struct engine_error *err)
+{
+	const struct engine_shape *shape = &engine->model->shape;
+	int64_t end = (int64_t)sequence->start + sequence->n;
+
+	if (sequence->n < 1 || sequence->start < 0)
+		return engine_fail(err,
+				   "sequence %d: start %d and token count %d; "
+				   "expected start >= 0 and at least one token",
+				   index, (int)sequence->start,
+				   (int)sequence->n);
+	if (end > engine->options.max_context)
+		return engine_fail(err,
+				   "sequence %d: positions up to %lld exceed "
+				   "the maximum context of %d",
+				   index, (long long)end,
+				   engine->options.max_context);
+	if ((int64_t)sequence->n_blocks * kv->block_tokens < end)
+		return engine_fail(err,
+				   "sequence %d: block table of %d blocks of "
+				   "%u positions does not cover position %lld",
+				   index, (int)sequence->n_blocks,
+				   kv->block_tokens, (long long)end - 1);
+	for (int64_t b = 0; b * kv->block_tokens < end; b++) {
+		int32_t block = sequence->blocks[b];
+
+		if (block < 0 || (uint32_t)block >= kv->n_blocks)
+			return engine_fail(err,
+					   "sequence %d: block table entry "
+					   "%lld is block %d, expected 0 to %u",
+					   index, (long long)b, (int)block,
+					   kv->n_blocks - 1);
+	}
+	for (int i = 0; i < sequence->n; i++) {
+		int32_t token = sequence->tokens[i];
+
+		if (token < 0 || token >= shape->vocab_size)
+			return engine_fail(err,
+					   "sequence %d: token id %d is outside "
+					   "the vocabulary of %d tokens",
+					   index, (int)token,
+					   (int)shape->vocab_size);
+	}
+	return 0;
+}
+
+
+static int check_step(const struct engine *engine, const struct engine_kv *kv,
+		      const struct engine_sequence *sequences,
+		      int n_sequences, struct engine_error *err)
+{
+	int64_t n_tokens = 0;
+	int rc;
+
+	if (n_sequences < 1 || n_sequences > engine->options.max_batch)
+		return engine_fail(err,
+				   "step of %d sequences, expected 1 to %d "
+				   "(the maximum batch)",
+				   n_sequences, engine->options.max_batch);
+	if (kv == NULL || kv->base == NULL || kv->block_tokens == 0)
+		return engine_fail(err, "step without a KV cache");
+	for (int s = 0; s < n_sequences; s++) {
+		rc = check_sequence(engine, kv, &sequences[s], s, err);
+		if (rc < 0)
+			return rc;
+		n_tokens += sequences[s].n;
+	}
+	if (n_tokens > engine->options.max_step_tokens)
+		return engine_fail(err,
+				   "step of %lld tokens exceeds the maximum of "
+				   "%d tokens per step",
+				   (long long)n_tokens,
+				   engine->options.max_step_tokens);
+	return 0;
+}
+
+
+/* One transformer block over the step's tokens, updating engine->x. */
+static void forward_layer(struct engine *engine, int layer)
+{
+	const struct engine_shape *shape = &engine->model->shape;
+	const struct engine_weights *w = &engine->model->weights;
+	int dim = shape->dim;
+	int kv_dim = engine_kv_dim(shape);
+	int hidden = shape->hidden_dim;
+	int head_size = engine_head_size(shape);
+	int n = engine->n_tokens;
+	struct matmul_task task;
+
+	/* Attention RMSNorm. */
+	for (int t = 0; t < n; t++)
+		kernel_rmsnorm(engine->xb + (size_t)t * dim,
+			       engine->x + (size_t)t * dim,
+			       w->rms_att + (size_t)layer * dim, dim);
+
+	/* Q, K and V projections. */
+	task = (struct matmul_task){
+		.n_jobs = 3,
+		.n_tokens = n,
+		.jobs = {
+			{ engine->q, engine->xb, w->wq + (size_t)layer * dim * dim,
+			  dim, dim },
+			{ engine->k, engine->xb,
+			  w->wk + (size_t)layer * kv_dim * dim, kv_dim, dim },
+			{ engine->v, engine->xb,
+			  w->wv + (size_t)layer * kv_dim * dim, kv_dim, dim },
+		},
+	};
+	run_matmuls(engine, &task);
+
+	/* RoPE on Q and K, then K and V into the cache. */
+	for (int t = 0; t < n; t++) {
+		const struct engine_sequence *sequence =
+			&engine->sequences[engine->token_sequence[t]];
+		int position = engine->token_position[t];
+		const float *cos_sin = engine->rope +
+				       (size_t)position * head_size;
+
+		kernel_rope(engine->q + (size_t)t * dim, shape->n_heads,
+			    head_size, cos_sin);
+		kernel_rope(engine->k + (size_t)t * kv_dim, shape->n_kv_heads,
+			    head_size, cos_sin);
+		kv_row_write(engine, sequence, layer, 0, position,
+			     engine->k + (size_t)t * kv_dim);
+		kv_row_write(engine, sequence, layer, 1, position,
+			     engine->v + (size_t)t * kv_dim);
+	}
+
+	/* Multi-head attention over the cache. */
+	engine->layer = layer;
+	if (attention_work(engine) >= PARALLEL_MIN_WORK &&
+	    engine_pool_threads(engine->pool) > 1)
+		engine_pool_run(engine->pool, attention_task_run, engine);
+	else
+		attention_task_run(engine, 0, 1);
+
+	/* Output projection and residual. */
+	task = (struct matmul_task){
+		.n_jobs = 1,
+		.n_tokens = n,
+		.jobs = { { engine->xb, engine->xb2,
+			    w->wo + (size_t)layer * dim * dim, dim, dim } },
+	};
+	run_matmuls(engine, &task);
+	for (size_t i = 0; i < (size_t)n * dim; i++)
+		engine->x[i] += engine->xb[i];
+
+	/* Feed-forward RMSNorm. */
+	for (int t = 0; t < n; t++)
+		kernel_rmsnorm(engine->xb + (size_t)t * dim,
+			       engine->x + (size_t)t * dim,
+			       w->rms_ffn + (size_t)layer * dim, dim);
+
+	/* SwiGLU feed-forward: w2 (silu(w1 x) * w3 x), then residual. */
+	task = (struct matmul_task){
+		.n_jobs = 2,
+		.n_tokens = n,
+		.swiglu = true,
+		.jobs = {
+			{ engine->hb, engine->xb,
+			  w->w1 + (size_t)layer * hidden * dim, hidden, dim },
+			{ engine->hb2, engine->xb,
+			  w->w3 + (size_t)layer * hidden * dim, hidden, dim },
+		},
+	};
+	run_matmuls(engine, &task);
+	task = (struct matmul_task){
+		.n_jobs = 1,
+		.n_tokens = n,
+		.jobs = { { engine->xb, engine->hb,
+			    w->w2 + (size_t)layer * dim * hidden, dim, hidden } },
+	};
+	run_matmuls(engine, &task);
+	for (size_t i = 0; i < (size_t)n * dim; i++)
+		engine->x[i] += engine->xb[i];
+}
+
+
+/* Final RMSNorm and classifier for the sequences that asked for logits. */
+static void compute_logits(struct engine *engine, int n_sequences)
+{
+	const struct engine_shape *shape = &engine->model->shape;
+	const struct engine_weights *w = &engine->model->weights;
+	int dim = shape->dim;
+	int n_logits = 0;
+	int t_end = 0;
+	struct matmul_task task;
+
+	for (int s = 0; s < n_sequences; s++) {
+		const struct engine_sequence *sequence = &engine->sequences[s];
+
+		t_end += sequence->n;
+		if (sequence->logits == NULL)
+			continue;
+		kernel_rmsnorm(engine->last + (size_t)n_logits * dim,
+			       engine->x + (size_t)(t_end - 1) * dim,
+			       w->rms_final, dim);
+		n_logits++;
+	}
+	if (n_logits == 0)
+		return;
+
+	task = (struct matmul_task){
+		.n_jobs = 1,
+		.n_tokens = n_logits,
+		.jobs = { { engine->logits, engine->last, w->classifier,
+			    shape->vocab_size, dim } },
+	};
+	run_matmuls(engine, &task);
+
+	n_logits = 0;
+	for (int s = 0; s < n_sequences; s++) {
+		float *dest = engine->sequences[s].logits;
+
+		if (dest == NULL)
+			continue;
+		memcpy(dest,
+		       engine->logits + (size_t)n_logits * shape->vocab_size,
+		       (size_t)shape->vocab_size * sizeof(float));
+		n_logits++;
+	}
+}
+
+
+int engine_step(struct engine *engine, const struct engine_kv *kv,
+		const struct engine_sequence *sequences, int n_sequences,
+		struct engine_error *err)
+{
+	const struct engine_shape *shape = &engine->model->shape;
+	uint64_t started = engine_now_ns();
+	bool prefill = false;
+	int n = 0;
+	int rc;
+
+	rc = check_step(engine, kv, sequences, n_sequences, err);
+	if (rc < 0)
+		return rc;
+
+	engine->kv = kv;
+	engine->sequences = sequences;
+
+	/* Stack every token's embedding into the activation matrix. */
+	for (int s = 0; s < n_sequences; s++) {
+		const struct engine_sequence *sequence = &sequences[s];
+
+		if (sequence->n > 1)
+			prefill = true;
+		for (int i = 0; i < sequence->n; i++, n++) {
+			memcpy(engine->x + (size_t)n * shape->dim,
+			       engine->model->weights.token_embedding +
+				       (size_t)sequence->tokens[i] * shape->dim,
+			       (size_t)shape->dim * sizeof(float));
+			engine->token_sequence[n] = s;
+			engine->token_position[n] = sequence->start + i;
+		}
+	}
+	engine->n_tokens = n;
+
+	for (int layer = 0; layer < shape->n_layers; layer++)
+		forward_layer(engine, layer);
+	compute_logits(engine, n_sequences);
+
+	uint64_t elapsed = engine_now_ns() - started;
+	struct engine_metrics *m = &engine->metrics;
+
+	if (prefill) {
+		m->prefill_tokens += (uint64_t)n;
+		m->prefill_ns += elapsed;
+	} else {
+		m->decode_tokens += (uint64_t)n;
+		m->decode_ns += elapsed;
+	}
+	m->steps++;
+	m->last_step_tokens = (uint64_t)n;
+	m->last_step_ns = elapsed;
+	engine->kv = NULL;
+	engine->sequences = NULL;
+	return 0;
+}
+
+
+int engine_prefill(struct engine *engine, const struct engine_kv *kv,
+		   const int32_t *blocks, int32_t n_blocks,
+		   const int32_t *tokens, int32_t n, int32_t start,
+		   float *logits, struct engine_error *err)
+{
+	struct engine_sequence sequence = {
+		.tokens = tokens,
+		.n = n,
+		.start = start,
+		.blocks = blocks,
+		.n_blocks = n_blocks,
+		.logits = logits,
+	};
+
+	return engine_step(engine, kv, &sequence, 1, err);
+}
+
+
+int engine_decode(struct engine *engine, const struct engine_kv *kv,
+		  const int32_t *blocks, int32_t n_blocks, int32_t token,
+		  int32_t pos, float *logits, struct engine_error *err)
+{
+	return engine_prefill(engine, kv, blocks, n_blocks, &token, 1, pos,
+			      logits, err);
+}
+
+
+void engine_get_metrics(const struct engine *engine,
+			struct engine_metrics *metrics)
+{
+	*metrics = engine->metrics;
+}
+
+
+const struct engine_options *engine_get_options(const struct engine *engine)
+{
+	return &engine->options;
+}
+
+
+/* Fills the (max_context, head_size / 2) table of RoPE cosines and sines. */
+static void fill_rope_table(float *rope, int max_context, int head_size)
+{
+	for (int pos = 0; pos < max_context; pos++) {
+		float *row = rope + (size_t)pos * head_size;
+
+		for (int i = 0; i < head_size / 2; i++) {
+			float freq = 1.0f / powf(10000.0f,
+						 (float)(2 * i) / (float)head_size);
+			float angle = (float)pos * freq;
+
+			row[2 * i] = cosf(angle);
+			row[2 * i + 1] = sinf(angle);
+		}
+	}
+}
+
+
+static float *alloc_floats(size_t count, bool *failed)
+{
+	float *p = calloc(count == 0 ? 1 : count, sizeof(float));
+
+	if (p == NULL)
+		*failed = true;
+	return p;
+}
+
+
+int engine_create(const struct engine_model *model,
+		  const struct engine_options *options, struct engine **out,
+		  struct engine_error *err)
+{
+	const struct engine_shape *shape = &model->shape;
+	struct engine *engine;
+	bool failed = false;
+	int rc;
+
+	if (options->threads < 1 || options->threads > 1024)
+		return engine_fail(err, "threads is %d, expected 1 to 1024",
+				   options->threads);
+	if (options->max_batch < 1 || options->max_batch > 65536)
+		return engine_fail(err, "max batch is %d, expected 1 to 65536",
+				   options->max_batch);
+	if (options->max_step_tokens < options->max_batch ||
+	    options->max_step_tokens > 1048576)
+		return engine_fail(err,
+				   "max step tokens is %d, expected %d (the "
+				   "max batch) to 1048576",
+				   options->max_step_tokens,
+				   options->max_batch);
+	if (options->max_context < 0 || options->max_context > ENGINE_MAX_SEQ_LEN)
+		return engine_fail(err, "max context is %d, expected 0 (the "
+				   "model's %d) to %d",
+				   options->max_context, (int)shape->seq_len,
+				   ENGINE_MAX_SEQ_LEN);
+
+	engine = calloc(1, sizeof(*engine));
+	if (engine == NULL)
+		return -ENOMEM;
+	engine->model = model;
+	engine->options = *options;
+	if (engine->options.max_context == 0)
+		engine->options.max_context = shape->seq_len;
+
+	size_t tokens = (size_t)engine->options.max_step_tokens;
+	size_t batch = (size_t)engine->options.max_batch;
+	size_t context = (size_t)engine->options.max_context;
+	size_t threads = (size_t)engine->options.threads;
+	size_t dim = (size_t)shape->dim;
+	size_t kv_dim = (size_t)engine_kv_dim(shape);
+	size_t hidden = (size_t)shape->hidden_dim;
+	size_t head_size = (size_t)engine_head_size(shape);
+
+	engine->rope = alloc_floats(context * head_size, &failed);
+	engine->x = alloc_floats(tokens * dim, &failed);
+	engine->xb = alloc_floats(tokens * dim, &failed);
+	engine->xb2 = alloc_floats(tokens * dim, &failed);
+	engine->q = alloc_floats(tokens * dim, &failed);
+	engine->k = alloc_floats(tokens * kv_dim, &failed);
+	engine->v = alloc_floats(tokens * kv_dim, &failed);
+	engine->hb = alloc_floats(tokens * hidden, &failed);
+	engine->hb2 = alloc_floats(tokens * hidden, &failed);
+	engine->att = alloc_floats(threads * context, &failed);
+	engine->kv_row = alloc_floats(threads * 2 * head_size, &failed);
+	engine->last = alloc_floats(batch * dim, &failed);
+	engine->logits = alloc_floats(batch * (size_t)shape->vocab_size,
+				      &failed);
+	engine->token_sequence = calloc(tokens, sizeof(int32_t));
+	engine->token_position = calloc(tokens, sizeof(int32_t));
+	if (failed || engine->token_sequence == NULL ||
+	    engine->token_position == NULL) {
+		rc = -ENOMEM;
+		engine_fail(err, "cannot allocate scratch buffers for %zu "
+			    "tokens per step and %zu positions",
+			    tokens, context);
+		goto err_destroy;
+	}
+	fill_rope_table(engine->rope, (int)context, (int)head_size);
+
+	rc = engine_pool_create(options->threads, &engine->pool);
+	if (rc < 0) {
+		engine_fail(err, "cannot start %d threads", options->threads);
+		goto err_destroy;
+	}
+	*out = engine;
+	return 0;
+
+err_destroy:
+	engine_destroy(engine);
+	return rc;
+}
+
+
+void engine_destroy(struct engine *engine)
+{
+	if (engine == NULL)
+		return;
+	engine_pool_destroy(engine->pool);
+	free(engine->rope);
+	free(engine->x);
+	free(engine->xb);
+	free(engine->xb2);
+	free(engine->q);
+	free(engine->k);
+	free(engine->v);
+	free(engine->hb);
+	free(engine->hb2);
+	free(engine->att);
+	free(engine->kv_row);
+	free(engine->last);
+	free(engine->logits);
+	free(engine->token_sequence);
+	free(engine->token_position);
+	free(engine);
+}

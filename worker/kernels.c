@@ -1,0 +1,425 @@
+/*
+ * Compute kernels of the forward pass, with AVX-512, AVX2 and scalar paths
+ * chosen once at start-up (SLAB_ISA=scalar|avx2|avx512 forces one).
+ *
+ * Determinism rule: every path computes each dot product as 16 interleaved
+ * fused multiply-add chains reduced by one fixed tree, and element-wise
+ * operations as separate multiplies and adds, so the paths agree bit for
+ * bit and no result depends on how rows or tokens are tiled.
+ */
+#include "worker/engine_internal.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16
+
+enum isa {
+	ISA_SCALAR,
+	ISA_AVX2,
+	ISA_AVX512,
+};
+
+static enum isa selected_isa = ISA_SCALAR;
+
+
+__attribute__((constructor)) static void select_isa(void)
+{
+	const char *forced = getenv("SLAB_ISA");
+	bool has_avx512, has_avx2;
+
+	__builtin_cpu_init();
+	has_avx512 = __builtin_cpu_supports("avx512f") &&
+		     __builtin_cpu_supports("avx512dq");
+	has_avx2 = __builtin_cpu_supports("avx2") &&
+		   __builtin_cpu_supports("fma");
+
+	if (forced != NULL && strcmp(forced, "scalar") == 0)
+		selected_isa = ISA_SCALAR;
+	else if (forced != NULL && strcmp(forced, "avx2") == 0 && has_avx2)
+		selected_isa = ISA_AVX2;
+	else if (has_avx512)
+		selected_isa = ISA_AVX512;
+	else if (has_avx2)
+		selected_isa = ISA_AVX2;
+	else
+		selected_isa = ISA_SCALAR;
+}
+
+
+const char *kernel_isa(void)
+{
+	switch (selected_isa) {
+	case ISA_AVX512:
+		return "avx512";
+	case ISA_AVX2:
+		return "avx2";
+	default:
+		return "scalar";
+	}
+}
+
+
+/* ---- Scalar path --------------------------------------------------------- */
+
+/* Reduces 16 partial sums by the fixed tree. */
+static float reduce_lanes(const float *acc)
+{
+	float r8[8], r4[4], r2[2];
+
+	for (int j = 0; j < 8; j++)
+		r8[j] = acc[j] + acc[j + 8];
+	for (int j = 0; j < 4; j++)
+		r4[j] = r8[j] + r8[j + 4];
+	for (int j = 0; j < 2; j++)
+		r2[j] = r4[j] + r4[j + 2];
+	return r2[0] + r2[1];
+}
+
+
+static float dot_scalar(const float *a, const float *b, int n)
+{
+	float acc[LANES] = {0};
+
+	for (int k = 0; k < n; k++)
+		acc[k % LANES] = fmaf(a[k], b[k], acc[k % LANES]);
+	return reduce_lanes(acc);
+}
+
+
+static void matmul_scalar(float *out, int out_stride, const float *x,
+			  int n_tokens, const float *w, int n, int row_begin,
+			  int row_end)
+{
+	for (int i = row_begin; i < row_end; i++)
+		for (int t = 0; t < n_tokens; t++)
+			out[(size_t)t * out_stride + i] =
+				dot_scalar(w + (size_t)i * n,
+					   x + (size_t)t * n, n);
+}
+
+
+/* ---- AVX2 path: 16 lanes as two 8-wide registers ----------------------- */
+
+__attribute__((target("avx2,fma"))) static inline float
+reduce_avx2(__m256 lo, __m256 hi)
+{
+	__m256 r8 = _mm256_add_ps(lo, hi);
+	__m128 r4 = _mm_add_ps(_mm256_castps256_ps128(r8),
+			       _mm256_extractf128_ps(r8, 1));
+	__m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
+	__m128 r1 = _mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1));
+
+	return _mm_cvtss_f32(r1);
+}
+
+
+__attribute__((target("avx2,fma"))) static inline __m256i
+tail_mask_avx2(int count)
+{
+	const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+
+	return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lanes);
+}
+
+
+/*
+ * Computes an R x T tile of dot products (R rows of w against T tokens of
+ * x). Called with constant R and T so that the accumulators stay in
+ * registers.
+ */
+__attribute__((target("avx2,fma"), always_inline)) static inline void
+tile_avx2(float *out, int out_stride, const float *x, const float *w, int n,
+	  int R, int T)
+{
+	__m256 lo[2][2], hi[2][2];
+	int k = 0;
+
+	for (int r = 0; r < R; r++)
+		for (int t = 0; t < T; t++)
+			lo[r][t] = hi[r][t] = _mm256_setzero_ps();
+
+	for (; k + LANES <= n; k += LANES) {
+		__m256 xl[2], xh[2];
+
+		for (int t = 0; t < T; t++) {
+			xl[t] = _mm256_loadu_ps(x + (size_t)t * n + k);
+			xh[t] = _mm256_loadu_ps(x + (size_t)t * n + k + 8);
+		}
+		for (int r = 0; r < R; r++) {
+			__m256 wl = _mm256_loadu_ps(w + (size_t)r * n + k);
+			__m256 wh = _mm256_loadu_ps(w + (size_t)r * n + k + 8);
+
+			for (int t = 0; t < T; t++) {
+				lo[r][t] = _mm256_fmadd_ps(wl, xl[t], lo[r][t]);
+				hi[r][t] = _mm256_fmadd_ps(wh, xh[t], hi[r][t]);
+			}
+		}
+	}
+	if (k < n) {
+		int rest = n - k;
+		__m256i mask_lo = tail_mask_avx2(rest);
+		__m256i mask_hi = tail_mask_avx2(rest - 8);
+
+		for (int r = 0; r < R; r++) {
+			const float *wr = w + (size_t)r * n + k;
+			__m256 wl = _mm256_maskload_ps(wr, mask_lo);
+			__m256 wh = _mm256_maskload_ps(wr + 8, mask_hi);
+
+			for (int t = 0; t < T; t++) {
+				const float *xt = x + (size_t)t * n + k;
+				__m256 xl = _mm256_maskload_ps(xt, mask_lo);
+				__m256 xh = _mm256_maskload_ps(xt + 8, mask_hi);
+
+				lo[r][t] = _mm256_fmadd_ps(wl, xl, lo[r][t]);
+				hi[r][t] = _mm256_fmadd_ps(wh, xh, hi[r][t]);
+			}
+		}
+	}
+
+	for (int r = 0; r < R; r++)
+		for (int t = 0; t < T; t++)
+			out[(size_t)t * out_stride + r] =
+				reduce_avx2(lo[r][t], hi[r][t]);
+}
+
+
+__attribute__((target("avx2,fma"))) static float
+dot_avx2(const float *a, const float *b, int n)
+{
+	float out;
+
+	tile_avx2(&out, 1, b, a, n, 1, 1);
+	return out;
+}
+
+
+__attribute__((target("avx2,fma"))) static void
+matmul_avx2(float *out, int out_stride, const float *x, int n_tokens,
+	    const float *w, int n, int row_begin, int row_end)
+{
+	int i = row_begin;
+
+	for (; i + 2 <= row_end; i += 2) {
+		const float *wi = w + (size_t)i * n;
+		int t = 0;
+
+		for (; t + 2 <= n_tokens; t += 2)
+			tile_avx2(out + (size_t)t * out_stride + i, out_stride,
+				  x + (size_t)t * n, wi, n, 2, 2);
+		for (; t < n_tokens; t++)
+			tile_avx2(out + (size_t)t * out_stride + i, out_stride,
+				  x + (size_t)t * n, wi, n, 2, 1);
+	}
+	for (; i < row_end; i++) {
+		const float *wi = w + (size_t)i * n;
+
+		for (int t = 0; t < n_tokens; t++)
+			tile_avx2(out + (size_t)t * out_stride + i, out_stride,
+				  x + (size_t)t * n, wi, n, 1, 1);
+	}
+}
+
+
+/* ---- AVX-512 path: 16 lanes in one register ----------------------------- */
+
+__attribute__((target("avx512f,avx512dq,fma"))) static inline float
+reduce_avx512(__m512 acc)
+{
+	__m256 r8 = _mm256_add_ps(_mm512_castps512_ps256(acc),
+				  _mm512_extractf32x8_ps(acc, 1));
+	__m128 r4 = _mm_add_ps(_mm256_castps256_ps128(r8),
+			       _mm256_extractf128_ps(r8, 1));
+	__m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
+	__m128 r1 = _mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1));
+
+	return _mm_cvtss_f32(r1);
+}
+
+
+__attribute__((target("avx512f,avx512dq,fma"), always_inline)) static inline void
+tile_avx512(float *out, int out_stride, const float *x, const float *w, int n,
+	    int R, int T)
+{
+	__m512 acc[4][4];
+	int k = 0;
+
+	for (int r = 0; r < R; r++)
+		for (int t = 0; t < T; t++)
+			acc[r][t] = _mm512_setzero_ps();
+
+	for (; k + LANES <= n; k += LANES) {
+		__m512 xv[4];
+
+		for (int t = 0; t < T; t++)
+			xv[t] = _mm512_loadu_ps(x + (size_t)t * n + k);
+		for (int r = 0; r < R; r++) {
+			__m512 wv = _mm512_loadu_ps(w + (size_t)r * n + k);
+
+			for (int t = 0; t < T; t++)
+				acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+		}
+	}
+	if (k < n) {
+		__mmask16 mask = (__mmask16)((1u << (n - k)) - 1);
+		__m512 xv[4];
+
+		for (int t = 0; t < T; t++)
+			xv[t] = _mm512_maskz_loadu_ps(mask, x + (size_t)t * n + k);
+		for (int r = 0; r < R; r++) {
+			__m512 wv = _mm512_maskz_loadu_ps(mask,
+							  w + (size_t)r * n + k);
+
+			for (int t = 0; t < T; t++)
+				acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+		}
+	}
+
+	for (int r = 0; r < R; r++)
+		for (int t = 0; t < T; t++)
+			out[(size_t)t * out_stride + r] = reduce_avx512(acc[r][t]);
+}
+
+
+__attribute__((target("avx512f,avx512dq,fma"))) static float
+dot_avx512(const float *a, const float *b, int n)
+{
+	float out;
+
+	tile_avx512(&out, 1, b, a, n, 1, 1);
+	return out;
+}
+
+
+/* Runs the 4-row tiles of one group of tokens, then the leftover rows. */
+#define MATMUL_AVX512_TOKENS(T)                                               \
+	do {                                                                  \
+		int i = row_begin;                                            \
+		for (; i + 4 <= row_end; i += 4)                              \
+			tile_avx512(o + i, out_stride, xt, w + (size_t)i * n, \
+				    n, 4, T);                                 \
+		for (; i < row_end; i++)                                      \
+			tile_avx512(o + i, out_stride, xt, w + (size_t)i * n, \
+				    n, 1, T);                                 \
+	} while (0)
+
+__attribute__((target("avx512f,avx512dq,fma"))) static void
+matmul_avx512(float *out, int out_stride, const float *x, int n_tokens,
+	      const float *w, int n, int row_begin, int row_end)
+{
+	int t = 0;
+
+	for (; t + 4 <= n_tokens; t += 4) {
+		float *o = out + (size_t)t * out_stride;
+		const float *xt = x + (size_t)t * n;
+
+		MATMUL_AVX512_TOKENS(4);
+	}
+	for (; t < n_tokens; t++) {
+		float *o = out + (size_t)t * out_stride;
+		const float *xt = x + (size_t)t * n;
+
+		MATMUL_AVX512_TOKENS(1);
+	}
+}
+
+
+/* ---- Dispatch and element-wise kernels ---------------------------------- */
+
+float kernel_dot(const float *a, const float *b, int n)
+{
+	switch (selected_isa) {
+	case ISA_AVX512:
+		return dot_avx512(a, b, n);
+	case ISA_AVX2:
+		return dot_avx2(a, b, n);
+	default:
+		return dot_scalar(a, b, n);
+	}
+}
+
+
+void kernel_matmul(float *out, int out_stride, const float *x, int n_tokens,
+		   const float *w, int n, int row_begin, int row_end)
+{
+	switch (selected_isa) {
+	case ISA_AVX512:
+		matmul_avx512(out, out_stride, x, n_tokens, w, n, row_begin,
+			      row_end);
+		break;
+	case ISA_AVX2:
+		matmul_avx2(out, out_stride, x, n_tokens, w, n, row_begin,
+			    row_end);
+		break;
+	default:
+		matmul_scalar(out, out_stride, x, n_tokens, w, n, row_begin,
+			      row_end);
+		break;
+	}
+}
+
+
+void kernel_rmsnorm(float *out, const float *x, const float *weight, int n)
+{
+	float ss = kernel_dot(x, x, n);
+
+	ss /= (float)n;
+	ss += 1e-5f;
+	ss = 1.0f / sqrtf(ss);
+	for (int j = 0; j < n; j++)
+		out[j] = weight[j] * (ss * x[j]);
+}
+
+
+void kernel_softmax(float *x, int n)
+{
+	float max = x[0];
+	float sum = 0.0f;
+
+	for (int i = 1; i < n; i++)
+		if (x[i] > max)
+			max = x[i];
+	for (int i = 0; i < n; i++) {
+		x[i] = expf(x[i] - max);
+		sum += x[i];
+	}
+	for (int i = 0; i < n; i++)
+		x[i] /= sum;
+}
+
+
+void kernel_rope(float *x, int n_heads, int head_size, const float *cos_sin)
+{
+	for (int h = 0; h < n_heads; h++) {
+		float *v = x + (size_t)h * head_size;
+
+		for (int i = 0; i < head_size / 2; i++) {
+			float fcr = cos_sin[2 * i];
+			float fci = cos_sin[2 * i + 1];
+			float v0 = v[2 * i];
+			float v1 = v[2 * i + 1];
+
+			v[2 * i] = v0 * fcr - v1 * fci;
+			v[2 * i + 1] = v0 * fci + v1 * fcr;
+		}
+	}
+}
+
+
+void kernel_axpy(float *out, float a, const float *v, int n)
+{
+	for (int i = 0; i < n; i++)
+		out[i] += a * v[i];
+}
+
+
+void kernel_swiglu(float *out, const float *gate, const float *up, int n)
+{
+	for (int i = 0; i < n; i++) {
+		float g = gate[i];
+
+		out[i] = g * (1.0f / (1.0f + expf(-g))) * up[i];
+	}
+}
