@@ -75,6 +75,8 @@ endif
 TESTS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 
 .PHONY: all deps test run models clean install bench
+# Generated protobuf code is kept between builds.
+.SECONDARY: $(PROTO_GEN) $(PROTO_HDR)
 .DEFAULT_GOAL := all
 
 all: $(PROGRAMS) $(TESTS)

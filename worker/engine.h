@@ -172,6 +172,8 @@ struct engine_kv {
 	void *base;
 	uint32_t n_blocks;     /* block indices must be below this */
 	uint32_t block_tokens;
+	uint64_t block_stride; /* bytes from one block to the next; 0 means
+				  engine_kv_block_bytes() */
 	enum engine_kv_type type;
 };
 
@@ -248,6 +250,19 @@ int engine_decode(struct engine *engine, const struct engine_kv *kv,
 void engine_get_metrics(const struct engine *engine,
 			struct engine_metrics *metrics);
 
+/*
+ * Context shift: copies positions [0, n_keep) and
+ * [n_keep + n_discard, length) of a session from the source blocks into the
+ * target blocks, the second range moved down by n_discard positions with
+ * its keys rotated to their new positions. The source blocks are only read,
+ * so a shift that fails half-way can run again. Returns 0 or -EINVAL.
+ */
+int engine_kv_shift(struct engine *engine, const struct engine_kv *kv,
+		    const int32_t *source_blocks, int32_t n_source,
+		    const int32_t *target_blocks, int32_t n_target,
+		    int32_t n_keep, int32_t n_discard, int32_t length,
+		    struct engine_error *err);
+
 /* ---- Sampling ---------------------------------------------------------- */
 
 /*
@@ -273,6 +288,9 @@ void engine_sampling_defaults(struct engine_sampling *sampling);
  */
 float engine_random(uint64_t seed, uint64_t position);
 
+/* Tokens before the sampled one that the repetition penalty looks at. */
+#define ENGINE_PENALTY_WINDOW 64
+
 struct engine_sampler;
 
 int engine_sampler_create(int32_t vocab_size, struct engine_sampler **out);
@@ -293,6 +311,9 @@ static inline bool engine_is_end_token(int32_t id)
 {
 	return id == ENGINE_TOKEN_BOS || id == ENGINE_TOKEN_EOS;
 }
+
+/* Name of the kernel instruction set in use: "avx512", "avx2" or "scalar". */
+const char *engine_kernel_isa(void);
 
 /* ---- Monotonic clock ---------------------------------------------------- */
 

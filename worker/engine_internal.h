@@ -68,6 +68,10 @@ void kernel_softmax(float *x, int n);
  */
 void kernel_rope(float *x, int n_heads, int head_size, const float *cos_sin);
 
+/* Undoes kernel_rope() for the same angles. */
+void kernel_rope_inverse(float *x, int n_heads, int head_size,
+			 const float *cos_sin);
+
 /* out (n) += a * v (n), element by element. */
 void kernel_axpy(float *out, float a, const float *v, int n);
 

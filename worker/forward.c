@@ -126,8 +126,11 @@ static void *kv_row_address(const struct engine *engine,
 {
 	const struct engine_shape *shape = &engine->model->shape;
 	const struct engine_kv *cache = engine->kv;
-	uint64_t block_bytes = engine_kv_block_bytes(shape, cache->block_tokens,
-						     cache->type);
+	uint64_t block_bytes = cache->block_stride != 0
+				       ? cache->block_stride
+				       : engine_kv_block_bytes(shape,
+							       cache->block_tokens,
+							       cache->type);
 	size_t element = cache->type == ENGINE_KV_F16 ? 2 : 4;
 	int32_t block = sequence->blocks[position / (int)cache->block_tokens];
 	size_t row = ((size_t)layer * 2 + (size_t)kv) * cache->block_tokens +
@@ -565,6 +568,97 @@ void engine_get_metrics(const struct engine *engine,
 const struct engine_options *engine_get_options(const struct engine *engine)
 {
 	return &engine->options;
+}
+
+
+/* Checks that a block table covers length positions with valid blocks. */
+static int check_blocks(const struct engine_kv *kv, const char *name,
+			const int32_t *blocks, int32_t n_blocks,
+			int64_t length, struct engine_error *err)
+{
+	if ((int64_t)n_blocks * kv->block_tokens < length)
+		return engine_fail(err,
+				   "%s block table of %d blocks of %u positions "
+				   "does not cover %lld positions",
+				   name, (int)n_blocks, kv->block_tokens,
+				   (long long)length);
+	for (int64_t b = 0; b * kv->block_tokens < length; b++)
+		if (blocks[b] < 0 || (uint32_t)blocks[b] >= kv->n_blocks)
+			return engine_fail(err,
+					   "%s block table entry %lld is block "
+					   "%d, expected 0 to %u",
+					   name, (long long)b, (int)blocks[b],
+					   kv->n_blocks - 1);
+	return 0;
+}
+
+
+int engine_kv_shift(struct engine *engine, const struct engine_kv *kv,
+		    const int32_t *source_blocks, int32_t n_source,
+		    const int32_t *target_blocks, int32_t n_target,
+		    int32_t n_keep, int32_t n_discard, int32_t length,
+		    struct engine_error *err)
+{
+	const struct engine_shape *shape = &engine->model->shape;
+	int kv_dim = engine_kv_dim(shape);
+	int head_size = engine_head_size(shape);
+	struct engine_sequence source = { .blocks = source_blocks,
+					  .n_blocks = n_source };
+	struct engine_sequence target = { .blocks = target_blocks,
+					  .n_blocks = n_target };
+	float *row = engine->k; /* (kv_dim) scratch; no step is running */
+	const float *cos_sin;
+	int rc;
+
+	if (n_keep < 0 || n_discard < 1 || length > engine->options.max_context ||
+	    n_discard >= engine->options.max_context ||
+	    (int64_t)n_keep + n_discard > length)
+		return engine_fail(err,
+				   "shift of %d positions after %d kept in a "
+				   "session of %d; expected n_keep >= 0, "
+				   "n_discard >= 1 and n_keep + n_discard <= "
+				   "length <= %d",
+				   (int)n_discard, (int)n_keep, (int)length,
+				   engine->options.max_context);
+	rc = check_blocks(kv, "source", source_blocks, n_source, length, err);
+	if (rc == 0)
+		rc = check_blocks(kv, "target", target_blocks, n_target,
+				  length - n_discard, err);
+	if (rc < 0)
+		return rc;
+
+	engine->kv = kv;
+	cos_sin = engine->rope + (size_t)n_discard * head_size;
+	for (int layer = 0; layer < shape->n_layers; layer++) {
+		for (int32_t p = 0; p < length; p++) {
+			int32_t to = p;
+
+			if (p >= n_keep && p < n_keep + n_discard)
+				continue;
+			if (p >= n_keep + n_discard)
+				to = p - n_discard;
+
+			/* Keys rotate back by n_discard positions. */
+			const float *k = kv_row_read(engine, &source, layer, 0,
+						     p, 0, kv_dim, row);
+
+			if (k != row)
+				memcpy(row, k, (size_t)kv_dim * sizeof(float));
+			if (to != p)
+				kernel_rope_inverse(row, shape->n_kv_heads,
+						    head_size, cos_sin);
+			kv_row_write(engine, &target, layer, 0, to, row);
+
+			const float *v = kv_row_read(engine, &source, layer, 1,
+						     p, 0, kv_dim, row);
+
+			if (v != row)
+				memcpy(row, v, (size_t)kv_dim * sizeof(float));
+			kv_row_write(engine, &target, layer, 1, to, row);
+		}
+	}
+	engine->kv = NULL;
+	return 0;
 }
 
 

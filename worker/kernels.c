@@ -62,6 +62,12 @@ const char *kernel_isa(void)
 }
 
 
+const char *engine_kernel_isa(void)
+{
+	return kernel_isa();
+}
+
+
 /* ---- Scalar path --------------------------------------------------------- */
 
 /* Reduces 16 partial sums by the fixed tree. */
@@ -403,6 +409,25 @@ void kernel_rope(float *x, int n_heads, int head_size, const float *cos_sin)
 
 			v[2 * i] = v0 * fcr - v1 * fci;
 			v[2 * i + 1] = v0 * fci + v1 * fcr;
+		}
+	}
+}
+
+
+void kernel_rope_inverse(float *x, int n_heads, int head_size,
+			 const float *cos_sin)
+{
+	for (int h = 0; h < n_heads; h++) {
+		float *v = x + (size_t)h * head_size;
+
+		for (int i = 0; i < head_size / 2; i++) {
+			float fcr = cos_sin[2 * i];
+			float fci = cos_sin[2 * i + 1];
+			float v0 = v[2 * i];
+			float v1 = v[2 * i + 1];
+
+			v[2 * i] = v0 * fcr + v1 * fci;
+			v[2 * i + 1] = v1 * fcr - v0 * fci;
 		}
 	}
 }

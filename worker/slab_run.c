@@ -341,8 +341,9 @@ static int generate(const struct run_options *o, struct engine_model *model,
 	size_t n = n_prompt;
 
 	for (int generated = 0; generated < o->max_tokens; generated++) {
+		size_t window = n < ENGINE_PENALTY_WINDOW ? n : ENGINE_PENALTY_WINDOW;
 		int32_t next = engine_sample(sampler, &o->sampling, logits,
-					     tokens, n, n);
+					     tokens + n - window, window, n);
 		size_t len;
 
 		if (engine_is_end_token(next))
