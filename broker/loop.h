@@ -65,7 +65,7 @@ enum loop_backend {
  * force_epoll is set. *fallback_reason is set to the io_uring error (a
  * negative errno value) when the epoll backend was chosen for that reason,
  * else 0, so the caller can log the choice once. The environment variable
- * SLABD_LOOP=epoll forces epoll too; SLABD_LOOP=io_uring or an empty value
+ * SLABD_LOOP=epoll forces epoll too. SLABD_LOOP=io_uring or an empty value
  * keeps the default, and any other value makes loop_create return -EINVAL.
  */
 int loop_create(bool force_epoll, struct loop **out, int *fallback_reason);
