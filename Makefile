@@ -23,8 +23,9 @@ DEB_PACKAGES := liburing-dev libprotobuf-c-dev protobuf-c-compiler \
 	libcriterion-dev pkg-config libsystemd-dev
 
 CFLAGS ?= -O2 -g
+# -fPIC so that the client objects can also go into libslab.so.
 override CFLAGS += -std=c17 -Wall -Wextra -Werror -D_GNU_SOURCE -pthread \
-	-MMD -MP -I. -I$(BUILD)
+	-fPIC -MMD -MP -I. -I$(BUILD)
 LDLIBS := -pthread -lm
 ifneq ($(SANITIZE),)
 override CFLAGS += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer \
@@ -140,14 +141,50 @@ $(BUILD)/tests/%: $(call objects,tests/%.c) $(ALL_LIBS)
 # Tests find programs and models through these variables.
 export SLAB_BUILD_DIR := $(abspath $(BUILD))
 export SLAB_MODELS ?= $(abspath $(MODEL_MIRROR))
+# The Criterion runner itself leaks a few bytes when it runs tests in
+# parallel; the suppression keeps LeakSanitizer to the tested code.
+export LSAN_OPTIONS ?= suppressions=$(abspath tests/lsan.supp):print_suppressions=0
 
 test: all
+	@ls /dev/shm | grep '^slabd-' > $(BUILD)/shm-before.txt || true
 	@failed=0; \
 	for t in $(TESTS); do \
 		echo "== $$t"; \
 		$$t --jobs=2 || failed=1; \
 	done; \
+	leaked=$$(ls /dev/shm | grep '^slabd-' | grep -vxF -f $(BUILD)/shm-before.txt || true); \
+	if [ -n "$$leaked" ]; then echo "shared memory left behind: $$leaked"; failed=1; fi; \
 	exit $$failed
+
+# Builds, copies the default model, starts slabd on a private socket,
+# generates a story through it with slabctl and stops the service.
+run: all models
+	@scripts/run-demo.sh $(abspath $(BUILD)) $(abspath $(MODEL_DIR)) "$(PROMPT)"
+
+# The client library for installation: libslab.a and libslab.so hold the
+# client and the protocol code.
+DIST := $(BUILD)/dist
+$(DIST)/libslab.a: $(call objects,$(CLIENT_SRC) $(PROTO_SRC) $(PROTO_GEN))
+	@mkdir -p $(@D)
+	rm -f $@
+	ar rcs $@ $^
+$(DIST)/libslab.so: $(call objects,$(CLIENT_SRC) $(PROTO_SRC) $(PROTO_GEN))
+	@mkdir -p $(@D)
+	$(CC) $(LDFLAGS) -shared -Wl,-soname,libslab.so.0 -o $@ $^ \
+		$$(pkg-config --libs libprotobuf-c)
+
+SYSTEMD_UNIT_DIR ?= $(PREFIX)/lib/systemd/system
+install: all $(DIST)/libslab.a $(DIST)/libslab.so
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/pkgconfig \
+		$(DESTDIR)$(PREFIX)/include $(DESTDIR)$(SYSTEMD_UNIT_DIR)
+	install -m 755 $(BUILD)/slabd $(BUILD)/slabd-worker $(BUILD)/slabctl \
+		$(BUILD)/slab-run $(DESTDIR)$(PREFIX)/bin/
+	install -m 644 $(DIST)/libslab.a $(DESTDIR)$(PREFIX)/lib/
+	install -m 755 $(DIST)/libslab.so $(DESTDIR)$(PREFIX)/lib/libslab.so.0
+	ln -sf libslab.so.0 $(DESTDIR)$(PREFIX)/lib/libslab.so
+	install -m 644 client/slab.h $(DESTDIR)$(PREFIX)/include/slab.h
+	sed 's|@PREFIX@|$(PREFIX)|g' client/slab.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/slab.pc
+	sed 's|@PREFIX@|$(PREFIX)|g' scripts/slabd.service.in > $(DESTDIR)$(SYSTEMD_UNIT_DIR)/slabd.service
 
 # Copies each model file from MODEL_MIRROR, or downloads it, and checks its
 # sha256 either way.

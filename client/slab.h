@@ -118,7 +118,7 @@ struct slab_generate_options {
 	const char *prompt;       /* UTF-8 text, or NULL */
 	const int32_t *prompt_ids; /* token ids, or NULL */
 	size_t n_prompt_ids;
-	uint32_t max_tokens;      /* 0 = until an end token, stop or full context */
+	uint32_t max_tokens;      /* 1 to the broker's cap; 0 is rejected */
 	bool has_temperature;
 	float temperature;        /* 0 = greedy */
 	bool has_top_k;
