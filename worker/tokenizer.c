@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 /* Longest piece accepted from a file, in bytes. */
 #define MAX_PIECE_BYTES 1024
@@ -204,6 +205,7 @@ int engine_tokenizer_open(const char *path, int32_t vocab_size,
 			  struct engine_error *err)
 {
 	struct engine_tokenizer *t;
+	struct stat st;
 	FILE *file;
 	long file_size;
 	int rc;
@@ -219,6 +221,15 @@ int engine_tokenizer_open(const char *path, int32_t vocab_size,
 			 "--tokenizer path",
 			 path, strerror(errno));
 		return rc;
+	}
+	/*
+	 * A folder opens for reading too, and on ext4 its end offset can be
+	 * LLONG_MAX, which would become the size of the piece storage.
+	 */
+	if (fstat(fileno(file), &st) != 0 || !S_ISREG(st.st_mode)) {
+		fclose(file);
+		return engine_fail(err, "%s: not a regular file; expected a "
+				   "llama2.c tokenizer file", path);
 	}
 	if (fseek(file, 0, SEEK_END) != 0 || (file_size = ftell(file)) < 0 ||
 	    fseek(file, 0, SEEK_SET) != 0) {
