@@ -2346,3 +2346,86 @@ Test(metrics, counters_move, .timeout = TEST_TIMEOUT)
 	engine_destroy(engine);
 	test_model_close(&m);
 }
+
+
+/* ---- Context shift ------------------------------------------------------- */
+
+/* Address of the K (kv 0) or V (kv 1) row of a position in a float32 cache. */
+static const float *kv_row(const struct kv_cache *cache,
+			   const struct engine_shape *shape,
+			   const int32_t *blocks, int layer, int kv,
+			   int position)
+{
+	uint32_t bt = cache->kv.block_tokens;
+	size_t row = ((size_t)layer * 2 + (size_t)kv) * bt +
+		     (size_t)position % bt;
+
+	return (const float *)kv_block(cache, blocks[position / (int)bt]) +
+	       row * (size_t)engine_kv_dim(shape);
+}
+
+
+/*
+ * After a shift, kept positions below n_keep are copied unchanged, and the
+ * moved positions of layer 0 (whose K and V depend on the token alone) match
+ * a fresh prefill of the remaining tokens: V exactly, K within rounding of
+ * the extra rotation.
+ */
+Test(determinism, kv_shift_matches_fresh_prefill, .timeout = TEST_TIMEOUT)
+{
+	struct test_model m;
+	struct kv_cache cache;
+	enum { LENGTH = 60, KEEP = 5, DISCARD = 20, BLOCK_TOKENS = 16 };
+	int32_t tokens[LENGTH], kept[LENGTH - DISCARD];
+	int32_t source[4] = { 0, 1, 2, 3 }, target[3] = { 4, 5, 6 };
+	int32_t fresh[3] = { 7, 8, 9 };
+	struct engine_error err = { { 0 } };
+	struct engine *engine;
+	int kv_dim;
+
+	test_model_open(&m, MODEL_STORIES);
+	kv_dim = engine_kv_dim(m.shape);
+	kv_cache_init(&cache, m.shape, 10, BLOCK_TOKENS, ENGINE_KV_F32);
+	engine = create_engine(m.model, 1, 1, LENGTH, 128);
+	random_tokens(tokens, LENGTH, m.shape->vocab_size, 11);
+	prefill(engine, &cache.kv, source, 4, tokens, LENGTH, 0, NULL);
+
+	cr_assert_eq(engine_kv_shift(engine, &cache.kv, source, 4, target, 3,
+				     KEEP, DISCARD, LENGTH, &err), 0,
+		     "engine_kv_shift failed: %s", err.message);
+
+	memcpy(kept, tokens, KEEP * sizeof(int32_t));
+	memcpy(kept + KEEP, tokens + KEEP + DISCARD,
+	       (LENGTH - KEEP - DISCARD) * sizeof(int32_t));
+	prefill(engine, &cache.kv, fresh, 3, kept, LENGTH - DISCARD, 0, NULL);
+
+	for (int layer = 0; layer < m.shape->n_layers; layer++)
+		for (int p = 0; p < KEEP; p++)
+			for (int kv = 0; kv < 2; kv++)
+				cr_assert_eq(memcmp(kv_row(&cache, m.shape, target, layer, kv, p),
+						    kv_row(&cache, m.shape, source, layer, kv, p),
+						    (size_t)kv_dim * sizeof(float)), 0,
+					     "kept position %d of layer %d changed", p, layer);
+
+	for (int p = KEEP; p < LENGTH - DISCARD; p++) {
+		const float *k = kv_row(&cache, m.shape, target, 0, 0, p);
+		const float *k_fresh = kv_row(&cache, m.shape, fresh, 0, 0, p);
+
+		cr_assert_eq(memcmp(kv_row(&cache, m.shape, target, 0, 1, p),
+				    kv_row(&cache, m.shape, fresh, 0, 1, p),
+				    (size_t)kv_dim * sizeof(float)), 0,
+			     "V of moved position %d differs from a fresh prefill", p);
+		for (int i = 0; i < kv_dim; i++)
+			cr_assert_float_eq(k[i], k_fresh[i], 1e-4f,
+					   "K[%d] of moved position %d: %g, fresh %g",
+					   i, p, (double)k[i], (double)k_fresh[i]);
+	}
+
+	cr_assert_neq(engine_kv_shift(engine, &cache.kv, source, 4, target, 3,
+				      KEEP, LENGTH, LENGTH, &err), 0,
+		      "a shift dropping more positions than the session has "
+		      "was accepted");
+	engine_destroy(engine);
+	kv_cache_free(&cache);
+	test_model_close(&m);
+}
