@@ -77,7 +77,7 @@ TESTS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 
 .PHONY: all deps test run models clean install bench
 # Generated protobuf code is kept between builds.
-.SECONDARY: $(PROTO_GEN) $(PROTO_HDR)
+.SECONDARY:
 .DEFAULT_GOAL := all
 
 all: $(PROGRAMS) $(TESTS)

@@ -302,32 +302,48 @@ dot_avx512(const float *a, const float *b, int n)
 /* Runs the 4-row tiles of one group of tokens, then the leftover rows. */
 #define MATMUL_AVX512_TOKENS(T)                                               \
 	do {                                                                  \
-		int i = row_begin;                                            \
-		for (; i + 4 <= row_end; i += 4)                              \
+		int i = block_begin;                                          \
+		for (; i + 4 <= block_end; i += 4)                            \
 			tile_avx512(o + i, out_stride, xt, w + (size_t)i * n, \
 				    n, 4, T);                                 \
-		for (; i < row_end; i++)                                      \
+		for (; i < block_end; i++)                                    \
 			tile_avx512(o + i, out_stride, xt, w + (size_t)i * n, \
 				    n, 1, T);                                 \
 	} while (0)
+
+/*
+ * Rows are taken in blocks of about ROW_BLOCK_BYTES of weights, and every
+ * token runs through one block before the next: with many tokens (prefill)
+ * each weight is then read from memory once, not once per group of tokens.
+ */
+#define ROW_BLOCK_BYTES (192 * 1024)
 
 __attribute__((target("avx512f,avx512dq,fma"))) static void
 matmul_avx512(float *out, int out_stride, const float *x, int n_tokens,
 	      const float *w, int n, int row_begin, int row_end)
 {
-	int t = 0;
+	int block_rows = (int)(ROW_BLOCK_BYTES / ((size_t)n * sizeof(float)));
 
-	for (; t + 4 <= n_tokens; t += 4) {
-		float *o = out + (size_t)t * out_stride;
-		const float *xt = x + (size_t)t * n;
+	block_rows = block_rows < 4 ? 4 : block_rows & ~3;
+	for (int block_begin = row_begin; block_begin < row_end;
+	     block_begin += block_rows) {
+		int block_end = block_begin + block_rows < row_end
+					? block_begin + block_rows
+					: row_end;
+		int t = 0;
 
-		MATMUL_AVX512_TOKENS(4);
-	}
-	for (; t < n_tokens; t++) {
-		float *o = out + (size_t)t * out_stride;
-		const float *xt = x + (size_t)t * n;
+		for (; t + 4 <= n_tokens; t += 4) {
+			float *o = out + (size_t)t * out_stride;
+			const float *xt = x + (size_t)t * n;
 
-		MATMUL_AVX512_TOKENS(1);
+			MATMUL_AVX512_TOKENS(4);
+		}
+		for (; t < n_tokens; t++) {
+			float *o = out + (size_t)t * out_stride;
+			const float *xt = x + (size_t)t * n;
+
+			MATMUL_AVX512_TOKENS(1);
+		}
 	}
 }
 
