@@ -47,6 +47,21 @@ static void make_runnable_first(struct broker *broker, struct broker_session *s)
 }
 
 
+/*
+ * Points runnable_tail at the last queued session again. build_step()
+ * unlinks sessions through a link pointer, so it calls this on every return
+ * path. A stale tail that points at an unlinked session makes the next
+ * append vanish from the queue.
+ */
+static void reset_runnable_tail(struct broker *broker)
+{
+	broker->runnable_tail = NULL;
+	for (struct broker_session *s = broker->runnable_head; s != NULL;
+	     s = s->next_runnable)
+		broker->runnable_tail = s;
+}
+
+
 /* Rents blocks until the session's table covers `length` positions. */
 static int ensure_blocks(struct broker *broker, struct broker_session *s,
 			 uint32_t length)
@@ -300,7 +315,6 @@ static void build_step(struct broker *broker, struct broker_worker *worker)
 {
 	struct broker_step *step = &worker->step;
 	struct broker_session **link = &broker->runnable_head;
-	struct broker_session *previous = NULL;
 	int budget = broker->max_step_tokens;
 
 	step->n_entries = 0;
@@ -365,6 +379,7 @@ static void build_step(struct broker *broker, struct broker_worker *worker)
 						     s->context_limit, s->n_keep);
 					continue;
 				}
+				reset_runnable_tail(broker);
 				build_shift_step(broker, worker, s);
 				return;
 			}
@@ -374,7 +389,6 @@ static void build_step(struct broker *broker, struct broker_worker *worker)
 			}
 			if (s->policy == SHM_CONTEXT_SHIFT) {
 				/* Shift in a step of its own, later. */
-				previous = s;
 				link = &s->next_runnable;
 				continue;
 			}
@@ -431,10 +445,7 @@ static void build_step(struct broker *broker, struct broker_worker *worker)
 			step->tokens += (uint64_t)w.n;
 		}
 	}
-	broker->runnable_tail = previous;
-	for (struct broker_session *s = broker->runnable_head; s != NULL;
-	     s = s->next_runnable)
-		broker->runnable_tail = s;
+	reset_runnable_tail(broker);
 
 	if (step->n_entries == 0)
 		return;
