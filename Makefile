@@ -10,7 +10,7 @@
 
 CC ?= gcc
 SANITIZE ?=
-BUILD ?= build$(if $(SANITIZE),/sanitize)
+BUILD ?= build$(if $(SANITIZE),/sanitize$(if $(findstring thread,$(SANITIZE)),-thread))
 PREFIX ?= /usr/local
 
 # Directory the model files are copied from before falling back to a download.
@@ -20,7 +20,7 @@ MODEL_DIR ?= $(BUILD)/models
 MODEL_URL ?= https://huggingface.co/karpathy/tinyllamas/resolve/main/stories260K
 
 DEB_PACKAGES := liburing-dev libprotobuf-c-dev protobuf-c-compiler \
-	libcriterion-dev pkg-config libsystemd-dev
+	libcriterion-dev pkg-config libsystemd-dev valgrind
 
 CFLAGS ?= -O2 -g
 # -fPIC so that the client objects can also go into libslab.so.
@@ -75,7 +75,7 @@ PROGRAMS += $(BUILD)/slab-quantize
 endif
 TESTS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 
-.PHONY: all deps test run models clean install bench
+.PHONY: all deps test run models clean install bench fuzz check-memory
 # Generated protobuf code is kept between builds.
 .SECONDARY:
 .DEFAULT_GOAL := all
@@ -157,6 +157,23 @@ test: all
 	if [ -n "$$leaked" ]; then echo "shared memory left behind: $$leaked"; failed=1; fi; \
 	exit $$failed
 
+# The golden generation under valgrind memcheck (no errors, no definite
+# leaks) and, on two threads, under ThreadSanitizer.
+GOLDEN_PROMPT := Once upon a time
+GOLDEN_TEXT := $(SLAB_MODELS)/../golden/stories260K-once-upon-a-time.n200.txt
+GOLDEN_ARGS = --model $(SLAB_MODELS)/stories260K.bin --tokenizer $(SLAB_MODELS)/tok512.bin \
+	--prompt "$(GOLDEN_PROMPT)" --max-tokens 196 --threads 2
+check-memory: $(BUILD)/slab-run
+	@command -v valgrind >/dev/null || { echo "valgrind is not installed; apt-get install valgrind"; exit 1; }
+	valgrind -q --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite \
+		$(BUILD)/slab-run $(GOLDEN_ARGS) > $(BUILD)/golden-valgrind.txt 2>/dev/null
+	cmp $(BUILD)/golden-valgrind.txt $(GOLDEN_TEXT)
+	$(MAKE) SANITIZE=thread build/sanitize-thread/slab-run
+	TSAN_OPTIONS=halt_on_error=1 build/sanitize-thread/slab-run $(GOLDEN_ARGS) \
+		> $(BUILD)/golden-tsan.txt
+	cmp $(BUILD)/golden-tsan.txt $(GOLDEN_TEXT)
+	@echo "check-memory: valgrind and ThreadSanitizer runs are clean"
+
 # Builds, copies the default model, starts slabd on a private socket,
 # generates a story through it with slabctl and stops the service.
 run: all models
@@ -165,6 +182,47 @@ run: all models
 # Measures the machine, slab-run and the service; see bench/README.md.
 bench: all models
 	bench/run.sh $(abspath $(BUILD)) $(abspath $(MODEL_DIR)) $(abspath $(MODEL_MIRROR))
+
+# libFuzzer harnesses (clang): make fuzz FUZZ_SECONDS=60 runs each for that
+# long from the seeds in tests/fuzz/corpus/, plus the real tokenizer as a
+# seed when the model directory has it. New inputs go to build/fuzz/corpus/.
+FUZZ_SECONDS ?= 30
+FUZZ_CC ?= clang
+FUZZ_BUILD := build/fuzz
+FUZZ_HARNESSES := frame checkpoint tokenizer handle
+FUZZ_FLAGS := -std=c17 -g -O1 -D_GNU_SOURCE -pthread -I. -I$(FUZZ_BUILD) \
+	-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+FUZZ_SOURCES_frame := proto/frame.c proto/envelope.c \
+	$(FUZZ_BUILD)/proto/slabd.pb-c.c $(FUZZ_BUILD)/proto/worker.pb-c.c
+FUZZ_SOURCES_checkpoint := worker/model.c worker/tokenizer.c
+FUZZ_SOURCES_tokenizer := worker/model.c worker/tokenizer.c
+FUZZ_SOURCES_handle := $(SHM_SRC)
+
+$(FUZZ_BUILD)/proto/%.pb-c.c: proto/%.proto | deps
+	@mkdir -p $(@D)
+	protoc-c --proto_path=proto --c_out=$(@D) $<
+
+$(FUZZ_BUILD)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_BUILD)/proto/slabd.pb-c.c \
+		$(FUZZ_BUILD)/proto/worker.pb-c.c
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(FUZZ_SOURCES_$*) \
+		$$(pkg-config --libs libprotobuf-c) -lrt -lm
+
+fuzz: $(foreach h,$(FUZZ_HARNESSES),$(FUZZ_BUILD)/fuzz_$(h))
+	@for h in $(FUZZ_HARNESSES); do \
+		mkdir -p $(FUZZ_BUILD)/corpus/$$h; \
+		if [ $$h = tokenizer ] && [ -f "$(SLAB_MODELS)/tok512.bin" ]; then \
+			{ printf '\377\001'; cat "$(SLAB_MODELS)/tok512.bin"; printf '\377\377Once upon a time'; } \
+				> $(FUZZ_BUILD)/corpus/$$h/seed-tok512; \
+		fi; \
+		echo "== fuzz_$$h for $(FUZZ_SECONDS) s"; \
+		$(FUZZ_BUILD)/fuzz_$$h -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+			-artifact_prefix=$(FUZZ_BUILD)/crash-$$h- \
+			$(FUZZ_BUILD)/corpus/$$h tests/fuzz/corpus/$$h 2>&1 | \
+			grep -E 'stat::number_of_executed_units|ERROR|SUMMARY|Done' || true; \
+		if ls $(FUZZ_BUILD)/crash-$$h-* >/dev/null 2>&1; then \
+			echo "fuzz_$$h found a crash: $$(ls $(FUZZ_BUILD)/crash-$$h-*)"; exit 1; \
+		fi; \
+	done
 
 # The client library for installation: libslab.a and libslab.so hold the
 # client and the protocol code.
