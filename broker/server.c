@@ -392,13 +392,26 @@ static void on_recv(struct loop_op *op, int result)
 					   &payload, &len);
 
 		offset += consumed;
+		if (rc == -EMSGSIZE) {
+			char length[16];
+
+			snprintf(length, sizeof(length), "%u",
+				 frame_get_length(c->reader.header));
+			close_with_error(c, "frame length %s is above the maximum "
+					 "of %zu bytes; send smaller requests",
+					 length, (size_t)broker->config.max_frame);
+			return;
+		}
+		if (rc == -EPROTO) {
+			close_with_error(c, "invalid frame length %s%zu; frames "
+					 "start with a 4-byte little-endian length "
+					 "above 0", "", (size_t)0);
+			return;
+		}
 		if (rc < 0) {
-			close_with_error(c, rc == -EMSGSIZE
-					 ? "frame length above the maximum of %s%zu bytes; "
-					   "send smaller requests"
-					 : "invalid frame length (%s%zu); frames start "
-					   "with a 4-byte little-endian length above 0",
-					 "", (size_t)broker->config.max_frame);
+			close_with_error(c, "out of memory for a frame of %s%zu "
+					 "bytes; retry later", "",
+					 frame_get_length(c->reader.header));
 			return;
 		}
 		if (rc == 0)
