@@ -104,6 +104,64 @@ static int compare_candidates(const void *a, const void *b)
 }
 
 
+/* Whether candidate a sorts before b: more probable first, lower id on ties. */
+static bool ranks_before(const struct candidate *a, const struct candidate *b)
+{
+	return compare_candidates(a, b) < 0;
+}
+
+
+/*
+ * Restores the heap property below index i of a heap of n candidates
+ * whose root is the one that ranks last.
+ */
+static void sift_down(struct candidate *heap, int32_t n, int32_t i)
+{
+	for (;;) {
+		int32_t child = 2 * i + 1;
+		struct candidate swap;
+
+		if (child >= n)
+			return;
+		if (child + 1 < n && ranks_before(&heap[child], &heap[child + 1]))
+			child++;
+		if (!ranks_before(&heap[i], &heap[child]))
+			return;
+		swap = heap[i];
+		heap[i] = heap[child];
+		heap[child] = swap;
+		i = child;
+	}
+}
+
+
+/*
+ * Moves the k best of n candidates to the front, in rank order, in place:
+ * a heap of the k best so far, then a heap sort of it. Unlike qsort, which
+ * may allocate a merge buffer, this never allocates.
+ */
+static void select_best(struct candidate *c, int32_t n, int32_t k)
+{
+	if (k > n)
+		k = n;
+	for (int32_t i = k / 2 - 1; i >= 0; i--)
+		sift_down(c, k, i);
+	for (int32_t i = k; i < n; i++) {
+		if (!ranks_before(&c[i], &c[0]))
+			continue;
+		c[0] = c[i];
+		sift_down(c, k, 0);
+	}
+	for (int32_t end = k - 1; end > 0; end--) {
+		struct candidate swap = c[0];
+
+		c[0] = c[end];
+		c[end] = swap;
+		sift_down(c, end, 0);
+	}
+}
+
+
 static int32_t argmax(const float *logits, int32_t n)
 {
 	int32_t best = 0;
@@ -177,7 +235,7 @@ int32_t engine_sample(struct engine_sampler *sampler,
 
 	/* Top-k keeps the k most probable tokens. */
 	if (s->top_k > 0 && s->top_k < vocab) {
-		qsort(c, (size_t)n, sizeof(*c), compare_candidates);
+		select_best(c, n, s->top_k);
 		sorted = true;
 		n = s->top_k;
 	}
@@ -195,7 +253,7 @@ int32_t engine_sample(struct engine_sampler *sampler,
 				if (c[i].probability >= cutoff)
 					c[m++] = c[i];
 			n = m;
-			qsort(c, (size_t)n, sizeof(*c), compare_candidates);
+			select_best(c, n, n);
 			sorted = true;
 		}
 		for (int32_t i = 0; i < n; i++)
