@@ -478,14 +478,18 @@ int workers_start(struct broker *broker)
 /* Checks step deadlines; called from the broker's periodic tick. */
 void workers_check_deadlines(struct broker *broker)
 {
-	uint64_t now = engine_now_ns();
-
 	for (int i = 0; i < broker->config.workers; i++) {
 		struct broker_worker *worker = &broker->workers[i];
 		uint64_t limit_ms;
+		uint64_t now;
 
 		if (worker->state != WORKER_BUSY)
 			continue;
+
+		/* Killing one worker resends its step to a later one in this
+		 * loop, so the clock is read per worker. A clock read before
+		 * that send would make `now - sent_ns` wrap around. */
+		now = engine_now_ns();
 		limit_ms = (uint64_t)broker->config.step_timeout_floor_ms +
 			   (uint64_t)(broker->config.step_timeout_factor *
 				      (double)worker->step.tokens);
