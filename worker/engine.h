@@ -69,18 +69,167 @@ enum engine_weight_type {
 	ENGINE_WEIGHT_Q4_0 = 2,
 };
 
+/* Name of a weight type: "f32", "q8_0" or "q4_0" ("unknown" otherwise). */
+const char *engine_weight_type_name(enum engine_weight_type type);
+
+/*
+ * The tensors of a model, in the order a llama2.c checkpoint stores them.
+ * Each tensor is `matrices` matrices of (rows, cols) stored back to back:
+ * one per layer for the layer tensors, one for the others.
+ */
+enum engine_tensor_id {
+	ENGINE_TENSOR_TOKEN_EMBEDDING = 0, /* (vocab_size, dim) */
+	ENGINE_TENSOR_RMS_ATT,             /* (layer, dim) */
+	ENGINE_TENSOR_WQ,                  /* (layer, dim, dim) */
+	ENGINE_TENSOR_WK,                  /* (layer, kv_dim, dim) */
+	ENGINE_TENSOR_WV,                  /* (layer, kv_dim, dim) */
+	ENGINE_TENSOR_WO,                  /* (layer, dim, dim) */
+	ENGINE_TENSOR_RMS_FFN,             /* (layer, dim) */
+	ENGINE_TENSOR_W1,                  /* (layer, hidden_dim, dim) */
+	ENGINE_TENSOR_W2,                  /* (layer, dim, hidden_dim) */
+	ENGINE_TENSOR_W3,                  /* (layer, hidden_dim, dim) */
+	ENGINE_TENSOR_RMS_FINAL,           /* (dim) */
+	ENGINE_TENSOR_CLASSIFIER,          /* (vocab_size, dim) */
+	ENGINE_TENSOR_COUNT,
+};
+
+struct engine_tensor_dims {
+	uint64_t matrices;
+	uint64_t rows;
+	uint64_t cols; /* the dot-product axis; quantized blocks run along it */
+};
+
+/* Dimensions of tensor id in a model of this shape. */
+struct engine_tensor_dims engine_tensor_dims(const struct engine_shape *shape,
+					     enum engine_tensor_id id);
+
+/* Name of a tensor as error messages print it, such as "wq". */
+const char *engine_tensor_name(enum engine_tensor_id id);
+
+/*
+ * True for the tensors a matrix product reads (wq ... w3 and the
+ * classifier). Only these may be quantized; the token embedding and the
+ * RMSNorm weights are always float32.
+ */
+bool engine_tensor_is_matrix(enum engine_tensor_id id);
+
+/* ---- Quantized checkpoints ---------------------------------------------- */
+
+/* Weights per quantization block, along the cols axis of a matrix. */
+#define ENGINE_QUANT_BLOCK 32
+
+/* 32 weights w[i] = d * qs[i]. The layout GGUF uses for Q8_0. */
+struct engine_block_q8_0 {
+	_Float16 d;
+	int8_t qs[ENGINE_QUANT_BLOCK];
+};
+
+/*
+ * 32 weights: byte j contains weight j in its low nibble and weight j + 16 in
+ * its high nibble, each stored as q + 8, and w = d * q with q in [-8, 7].
+ * The layout GGUF uses for Q4_0.
+ */
+struct engine_block_q4_0 {
+	_Float16 d;
+	uint8_t qs[ENGINE_QUANT_BLOCK / 2];
+};
+
+_Static_assert(sizeof(struct engine_block_q8_0) == 34, "Q8_0 block size");
+_Static_assert(sizeof(struct engine_block_q4_0) == 18, "Q4_0 block size");
+
+/*
+ * A quantized checkpoint (written by slab-quantize) is this header, then
+ * the tensors at the offsets it lists, each 64-byte aligned and in the
+ * order of enum engine_tensor_id, the file ending where the last one ends.
+ * All fields are little-endian. The RoPE tables of the llama2.c format are
+ * not kept, and the classifier is always stored, even when the model
+ * shares it with the token embedding (shared_classifier records that).
+ */
+#define ENGINE_QUANT_MAGIC 0x57514c53u /* "SLQW" as the first 4 bytes */
+#define ENGINE_QUANT_VERSION 1
+#define ENGINE_QUANT_ALIGN 64
+
+struct engine_quant_tensor {
+	uint32_t type;     /* enum engine_weight_type */
+	uint32_t reserved; /* 0 */
+	uint64_t offset;   /* bytes from the start of the file */
+	uint64_t size;     /* bytes */
+};
+
+struct engine_quant_header {
+	uint32_t magic;             /* ENGINE_QUANT_MAGIC */
+	uint32_t version;           /* ENGINE_QUANT_VERSION */
+	uint32_t weight_type;       /* type the matrices were quantized to */
+	int32_t dim;
+	int32_t hidden_dim;
+	int32_t n_layers;
+	int32_t n_heads;
+	int32_t n_kv_heads;
+	int32_t vocab_size;         /* positive */
+	int32_t seq_len;
+	uint32_t shared_classifier; /* 1 when the source shared it, else 0 */
+	uint32_t n_tensors;         /* ENGINE_TENSOR_COUNT */
+	struct engine_quant_tensor tensors[ENGINE_TENSOR_COUNT];
+};
+
+_Static_assert(sizeof(struct engine_quant_header) == 48 + 24 * 12,
+	       "quantized checkpoint header size");
+
+/*
+ * Bytes that n weights take in this type; n must be a multiple of
+ * ENGINE_QUANT_BLOCK for the quantized types. Returns 0 for an unknown type.
+ */
+uint64_t engine_weight_bytes(enum engine_weight_type type, uint64_t n);
+
+/*
+ * Quantizes n floats (a multiple of ENGINE_QUANT_BLOCK) into n / 32 blocks.
+ * Q8_0 takes d = max |x| / 127 and q = round(x / d); Q4_0 takes the value m
+ * of largest magnitude, d = m / -8 and q = min(15, trunc(x / d + 8.5)) - 8.
+ * Both return -ERANGE when a scale does not fit in float16, else 0.
+ */
+int engine_quantize_q8_0(struct engine_block_q8_0 *out, const float *x,
+			 size_t n);
+int engine_quantize_q4_0(struct engine_block_q4_0 *out, const float *x,
+			 size_t n);
+
+/* Writes the n weights that n / 32 blocks of type stand for. */
+void engine_dequantize(enum engine_weight_type type, float *out,
+		       const void *blocks, size_t n);
+
 struct engine_model;
 
 /*
- * Maps a llama2.c checkpoint read-only and validates its header and size.
- * On success *out owns the mapping; release it with engine_model_close().
- * Returns -ENOENT, -EACCES (the open error), -EINVAL for a malformed header
- * or a size that disagrees with it, with err naming the field.
+ * Maps a checkpoint read-only and validates its header and size: a
+ * llama2.c float32 checkpoint, or a quantized checkpoint, recognized by
+ * its first four bytes. On success *out owns the mapping; release it with
+ * engine_model_close(). Returns -ENOENT, -EACCES (the open error), -EINVAL
+ * for a malformed header or a size that disagrees with it, with err naming
+ * the file and the field.
  */
 int engine_model_open(const char *path, struct engine_model **out,
 		      struct engine_error *err);
 void engine_model_close(struct engine_model *model);
 const struct engine_shape *engine_model_shape(const struct engine_model *model);
+
+/*
+ * Weight type of the model's file: ENGINE_WEIGHT_F32 for a llama2.c
+ * checkpoint, the type its matrices were quantized to otherwise.
+ */
+enum engine_weight_type engine_model_weight_type(const struct engine_model *model);
+
+/* A tensor of a loaded model, pointing into its read-only mapping. */
+struct engine_tensor_view {
+	const void *data;
+	enum engine_weight_type type;
+	struct engine_tensor_dims dims;
+};
+
+/*
+ * Returns tensor id of a loaded model. A llama2.c checkpoint with a shared
+ * classifier returns the token embedding for ENGINE_TENSOR_CLASSIFIER.
+ */
+struct engine_tensor_view engine_model_tensor(const struct engine_model *model,
+					      enum engine_tensor_id id);
 
 /*
  * Validates a header and the file size it implies. Exposed for the tools

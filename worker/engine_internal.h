@@ -9,28 +9,59 @@
 
 #include <stdarg.h>
 
-/* Weights of a float32 checkpoint, pointing into the read-only mapping. */
+/*
+ * A tensor of matrices of one weight type stored back to back, pointing
+ * into the read-only mapping. Float32 data is an array of floats, quantized
+ * data an array of blocks along each row.
+ */
+struct engine_tensor {
+	const void *data;
+	enum engine_weight_type type;
+};
+
+/* Weights of a checkpoint, pointing into the read-only mapping. */
 struct engine_weights {
-	const float *token_embedding; /* (vocab_size, dim) */
-	const float *rms_att;         /* (layer, dim) */
-	const float *wq;              /* (layer, dim, dim) */
-	const float *wk;              /* (layer, kv_dim, dim) */
-	const float *wv;              /* (layer, kv_dim, dim) */
-	const float *wo;              /* (layer, dim, dim) */
-	const float *rms_ffn;         /* (layer, dim) */
-	const float *w1;              /* (layer, hidden_dim, dim) */
-	const float *w2;              /* (layer, dim, hidden_dim) */
-	const float *w3;              /* (layer, hidden_dim, dim) */
-	const float *rms_final;       /* (dim) */
-	const float *classifier;      /* (vocab_size, dim) */
+	const float *token_embedding;    /* (vocab_size, dim) */
+	const float *rms_att;            /* (layer, dim) */
+	struct engine_tensor wq;         /* (layer, dim, dim) */
+	struct engine_tensor wk;         /* (layer, kv_dim, dim) */
+	struct engine_tensor wv;         /* (layer, kv_dim, dim) */
+	struct engine_tensor wo;         /* (layer, dim, dim) */
+	const float *rms_ffn;            /* (layer, dim) */
+	struct engine_tensor w1;         /* (layer, hidden_dim, dim) */
+	struct engine_tensor w2;         /* (layer, dim, hidden_dim) */
+	struct engine_tensor w3;         /* (layer, hidden_dim, dim) */
+	const float *rms_final;          /* (dim) */
+	struct engine_tensor classifier; /* (vocab_size, dim) */
 };
 
 struct engine_model {
 	struct engine_shape shape;
 	struct engine_weights weights;
+	enum engine_weight_type file_type;
 	const void *map;
 	size_t map_size;
 };
+
+/* Matrix index (rows, cols) of a tensor, such as the wq of one layer. */
+static inline struct engine_tensor engine_tensor_matrix(struct engine_tensor t,
+							int index, int rows,
+							int cols)
+{
+	uint64_t bytes = engine_weight_bytes(t.type,
+					     (uint64_t)rows * (uint64_t)cols);
+
+	t.data = (const char *)t.data + (uint64_t)index * bytes;
+	return t;
+}
+
+/* Validates and maps a quantized checkpoint (quant.c); like engine_model_open. */
+int engine_quant_open(const char *path, int fd, uint64_t file_size,
+		      struct engine_model *model, struct engine_error *err);
+
+/* Checks the shape fields of a header, whatever the file format. */
+int engine_shape_check_fields(const char *path, const struct engine_shape *shape,
+			      struct engine_error *err);
 
 /* Fills err->message like snprintf and returns -EINVAL. */
 int engine_fail(struct engine_error *err, const char *format, ...)
@@ -80,6 +111,45 @@ void kernel_swiglu(float *out, const float *gate, const float *up, int n);
 
 /* Name of the instruction set the kernels selected: "avx512", "avx2", "scalar". */
 const char *kernel_isa(void);
+
+/* ---- Quantized kernels (kernels_quant.c) ----------------------------------
+ *
+ * A quantized matrix product multiplies Q8_0 or Q4_0 weights by activations
+ * quantized per block of 32 to int8 with a float scale (kernel_quantize_row).
+ * Every path computes each dot product in this order: blocks are taken in
+ * pairs (2m, 2m + 1), a missing last block counting as zeros with scale 0.
+ * Lane j of 16 takes block 2m + j / 8 and the exact integer sum s of its
+ * four products at positions 4 (j % 8) .. 4 (j % 8) + 3, and does
+ * acc[j] = fmaf(dw * dx, (float)s, acc[j]), where dw * dx is the float
+ * product of the two block scales. The 16 lanes are then reduced by the tree
+ * of kernel_dot. Integer sums are exact and every float operation is fixed,
+ * so the AVX-512 VNNI, AVX2 and scalar paths agree bit for bit, whatever the
+ * tiling of rows and tokens.
+ */
+
+/*
+ * Quantizes one row x (n), n a multiple of 32, to xq (n) and xd (n / 32):
+ * per block, d = max |x| / 127, q = round(x / d) computed as
+ * roundf(x * (1 / d)), and q = 0 when d is 0.
+ */
+void kernel_quantize_row(int8_t *xq, float *xd, const float *x, int n);
+
+/*
+ * out (n_tokens, rows) = w (rows, n) of type Q8_0 or Q4_0 times the
+ * quantized activations xq (n_tokens, n) with scales xd (n_tokens, n / 32),
+ * for rows [row_begin, row_end) only. out has row stride out_stride.
+ */
+void kernel_matmul_quant(float *out, int out_stride, const int8_t *xq,
+			 const float *xd, int n_tokens, const void *w,
+			 enum engine_weight_type type, int n, int row_begin,
+			 int row_end);
+
+/* Dot product of one quantized row w (n) and one quantized activation row. */
+float kernel_dot_quant(const void *w, enum engine_weight_type type,
+		       const int8_t *xq, const float *xd, int n);
+
+/* Instruction set of the quantized kernels: "avx512-vnni", "avx2", "scalar". */
+const char *kernel_quant_isa(void);
 
 /* ---- Thread pool (threads.c) -------------------------------------------- */
 

@@ -7,9 +7,14 @@
  *
  * Scratch buffers are allocated by engine_create() for max_step_tokens
  * tokens and max_context positions; engine_step() allocates nothing.
+ *
+ * A quantized matrix multiplies activations quantized to Q8_0: the input
+ * of a product is quantized once, token by token, before its rows are
+ * split among threads, so its quantization depends only on the token.
  */
 #include "worker/engine_internal.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <math.h>
 #include <stdlib.h>
@@ -18,21 +23,38 @@
 /* Matrix products smaller than this many multiply-adds run on one thread. */
 #define PARALLEL_MIN_WORK (1 << 16)
 
+/* Activations of fewer elements are quantized on one thread. */
+#define QUANTIZE_PARALLEL_MIN (1 << 14)
+
 /* One weight matrix times the step's activations. */
 struct matmul_job {
-	float *out;        /* (n_tokens, rows) */
-	const float *x;    /* (n_tokens, n) */
-	const float *w;    /* (rows, n) */
+	float *out;             /* (n_tokens, rows) */
+	const float *x;         /* (n_tokens, n) */
+	struct engine_tensor w; /* (rows, n) */
 	int rows;
 	int n;
 };
 
-/* Up to three products over the same tokens, split by rows among threads. */
+/*
+ * Up to three products over the same tokens and the same input x, split by
+ * rows among threads.
+ */
 struct matmul_task {
 	struct matmul_job jobs[3];
 	int n_jobs;
 	int n_tokens;
 	bool swiglu;       /* jobs[0] = silu(jobs[0]) * jobs[1] afterwards */
+	const int8_t *xq;  /* (n_tokens, n) x quantized, for quantized jobs */
+	const float *xd;   /* (n_tokens, n / 32) scales of xq */
+};
+
+/* Rows of activations to quantize, split by tokens among threads. */
+struct quantize_task {
+	int8_t *xq;        /* (n_tokens, n) */
+	float *xd;         /* (n_tokens, n / 32) */
+	const float *x;    /* (n_tokens, n) */
+	int n_tokens;
+	int n;
 };
 
 struct engine {
@@ -54,6 +76,9 @@ struct engine {
 	float *kv_row;    /* (threads, 2, head_size) float16 rows widened */
 	float *last;      /* (max_batch, dim) final hidden state per sequence */
 	float *logits;    /* (max_batch, vocab_size) */
+	int8_t *xq;       /* (max_step_tokens, max(dim, hidden_dim)) quantized
+			     input of a product of quantized weights */
+	float *xd;        /* (max_step_tokens, max(dim, hidden_dim) / 32) */
 	int32_t *token_sequence; /* (max_step_tokens) sequence of each token */
 	int32_t *token_position; /* (max_step_tokens) position of each token */
 
@@ -82,8 +107,15 @@ static void matmul_task_run(void *arg, int ith, int nth)
 			end = job->rows;
 		if (begin >= end)
 			continue;
-		kernel_matmul(job->out, job->rows, job->x, task->n_tokens,
-			      job->w, job->n, begin, end);
+		if (job->w.type == ENGINE_WEIGHT_F32)
+			kernel_matmul(job->out, job->rows, job->x,
+				      task->n_tokens, job->w.data, job->n,
+				      begin, end);
+		else
+			kernel_matmul_quant(job->out, job->rows, task->xq,
+					    task->xd, task->n_tokens,
+					    job->w.data, job->w.type, job->n,
+					    begin, end);
 	}
 
 	if (task->swiglu) {
@@ -105,13 +137,54 @@ static void matmul_task_run(void *arg, int ith, int nth)
 }
 
 
+static void quantize_task_run(void *arg, int ith, int nth)
+{
+	struct quantize_task *task = arg;
+	int per_thread = (task->n_tokens + nth - 1) / nth;
+	int begin = ith * per_thread;
+	int end = begin + per_thread > task->n_tokens ? task->n_tokens
+						      : begin + per_thread;
+
+	for (int t = begin; t < end; t++)
+		kernel_quantize_row(task->xq + (size_t)t * task->n,
+				    task->xd + (size_t)t * (task->n / ENGINE_QUANT_BLOCK),
+				    task->x + (size_t)t * task->n, task->n);
+}
+
+
 static void run_matmuls(struct engine *engine, struct matmul_task *task)
 {
 	uint64_t work = 0;
+	bool quantized = false;
 
-	for (int j = 0; j < task->n_jobs; j++)
+	for (int j = 0; j < task->n_jobs; j++) {
 		work += (uint64_t)task->jobs[j].rows * (uint64_t)task->jobs[j].n *
 			(uint64_t)task->n_tokens;
+		quantized |= task->jobs[j].w.type != ENGINE_WEIGHT_F32;
+	}
+
+	/* Quantize the shared input once for every quantized job. */
+	if (quantized) {
+		struct quantize_task quantize = {
+			.xq = engine->xq,
+			.xd = engine->xd,
+			.x = task->jobs[0].x,
+			.n_tokens = task->n_tokens,
+			.n = task->jobs[0].n,
+		};
+
+		for (int j = 1; j < task->n_jobs; j++)
+			assert(task->jobs[j].x == quantize.x &&
+			       task->jobs[j].n == quantize.n);
+		if ((uint64_t)quantize.n_tokens * (uint64_t)quantize.n <
+		    QUANTIZE_PARALLEL_MIN)
+			quantize_task_run(&quantize, 0, 1);
+		else
+			engine_pool_run(engine->pool, quantize_task_run,
+					&quantize);
+		task->xq = engine->xq;
+		task->xd = engine->xd;
+	}
 	if (work < PARALLEL_MIN_WORK)
 		matmul_task_run(task, 0, 1);
 	else
@@ -350,12 +423,15 @@ static void forward_layer(struct engine *engine, int layer)
 		.n_jobs = 3,
 		.n_tokens = n,
 		.jobs = {
-			{ engine->q, engine->xb, w->wq + (size_t)layer * dim * dim,
-			  dim, dim },
+			{ engine->q, engine->xb,
+			  engine_tensor_matrix(w->wq, layer, dim, dim), dim,
+			  dim },
 			{ engine->k, engine->xb,
-			  w->wk + (size_t)layer * kv_dim * dim, kv_dim, dim },
+			  engine_tensor_matrix(w->wk, layer, kv_dim, dim),
+			  kv_dim, dim },
 			{ engine->v, engine->xb,
-			  w->wv + (size_t)layer * kv_dim * dim, kv_dim, dim },
+			  engine_tensor_matrix(w->wv, layer, kv_dim, dim),
+			  kv_dim, dim },
 		},
 	};
 	run_matmuls(engine, &task);
@@ -391,7 +467,8 @@ static void forward_layer(struct engine *engine, int layer)
 		.n_jobs = 1,
 		.n_tokens = n,
 		.jobs = { { engine->xb, engine->xb2,
-			    w->wo + (size_t)layer * dim * dim, dim, dim } },
+			    engine_tensor_matrix(w->wo, layer, dim, dim), dim,
+			    dim } },
 	};
 	run_matmuls(engine, &task);
 	for (size_t i = 0; i < (size_t)n * dim; i++)
@@ -410,9 +487,11 @@ static void forward_layer(struct engine *engine, int layer)
 		.swiglu = true,
 		.jobs = {
 			{ engine->hb, engine->xb,
-			  w->w1 + (size_t)layer * hidden * dim, hidden, dim },
+			  engine_tensor_matrix(w->w1, layer, hidden, dim),
+			  hidden, dim },
 			{ engine->hb2, engine->xb,
-			  w->w3 + (size_t)layer * hidden * dim, hidden, dim },
+			  engine_tensor_matrix(w->w3, layer, hidden, dim),
+			  hidden, dim },
 		},
 	};
 	run_matmuls(engine, &task);
@@ -420,7 +499,8 @@ static void forward_layer(struct engine *engine, int layer)
 		.n_jobs = 1,
 		.n_tokens = n,
 		.jobs = { { engine->xb, engine->hb,
-			    w->w2 + (size_t)layer * dim * hidden, dim, hidden } },
+			    engine_tensor_matrix(w->w2, layer, dim, hidden),
+			    dim, hidden } },
 	};
 	run_matmuls(engine, &task);
 	for (size_t i = 0; i < (size_t)n * dim; i++)
@@ -751,8 +831,13 @@ int engine_create(const struct engine_model *model,
 				      &failed);
 	engine->token_sequence = calloc(tokens, sizeof(int32_t));
 	engine->token_position = calloc(tokens, sizeof(int32_t));
+
+	size_t widest = dim > hidden ? dim : hidden;
+
+	engine->xq = calloc(tokens * widest, 1);
+	engine->xd = alloc_floats(tokens * (widest / 32 + 1), &failed);
 	if (failed || engine->token_sequence == NULL ||
-	    engine->token_position == NULL) {
+	    engine->token_position == NULL || engine->xq == NULL) {
 		rc = -ENOMEM;
 		engine_fail(err, "cannot allocate scratch buffers for %zu "
 			    "tokens per step and %zu positions",
@@ -795,5 +880,7 @@ void engine_destroy(struct engine *engine)
 	free(engine->logits);
 	free(engine->token_sequence);
 	free(engine->token_position);
+	free(engine->xq);
+	free(engine->xd);
 	free(engine);
 }

@@ -1,7 +1,10 @@
 /*
  * Checkpoint loading: maps a llama2.c checkpoint read-only, so every process
  * that loads the same file shares one copy in the page cache, and checks the
- * header against the file size before any weight is touched.
+ * header against the file size before any weight is touched. A file that
+ * starts with ENGINE_QUANT_MAGIC is a quantized checkpoint, loaded by
+ * quant.c. No llama2.c checkpoint starts that way, because its first field,
+ * dim, is at most ENGINE_MAX_DIM.
  *
  * File layout: 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads,
  * vocab_size, seq_len), then float32 tensors in this order: token embedding,
@@ -84,8 +87,8 @@ static int check_range(const char *path, const char *field, int32_t value,
 }
 
 
-int engine_shape_check(const char *path, const struct engine_shape *s,
-		       uint64_t file_size, struct engine_error *err)
+int engine_shape_check_fields(const char *path, const struct engine_shape *s,
+			      struct engine_error *err)
 {
 	int rc;
 
@@ -121,6 +124,17 @@ int engine_shape_check(const char *path, const struct engine_shape *s,
 				   "expected an even head size for rotary "
 				   "embeddings",
 				   path, (int)engine_head_size(s));
+	return 0;
+}
+
+
+int engine_shape_check(const char *path, const struct engine_shape *s,
+		       uint64_t file_size, struct engine_error *err)
+{
+	int rc = engine_shape_check_fields(path, s, err);
+
+	if (rc < 0)
+		return rc;
 
 	uint64_t expected = HEADER_BYTES + engine_checkpoint_bytes(s);
 
@@ -155,30 +169,33 @@ static void map_weights(struct engine_model *model)
 	size_t head_size = (size_t)engine_head_size(s);
 	const float *p = (const float *)((const char *)model->map + HEADER_BYTES);
 
+	model->file_type = ENGINE_WEIGHT_F32;
 	w->token_embedding = p;
 	p += (size_t)s->vocab_size * dim;
 	w->rms_att = p;
 	p += layers * dim;
-	w->wq = p;
+	w->wq = (struct engine_tensor){ p, ENGINE_WEIGHT_F32 };
 	p += layers * dim * dim;
-	w->wk = p;
+	w->wk = (struct engine_tensor){ p, ENGINE_WEIGHT_F32 };
 	p += layers * kv_dim * dim;
-	w->wv = p;
+	w->wv = (struct engine_tensor){ p, ENGINE_WEIGHT_F32 };
 	p += layers * kv_dim * dim;
-	w->wo = p;
+	w->wo = (struct engine_tensor){ p, ENGINE_WEIGHT_F32 };
 	p += layers * dim * dim;
 	w->rms_ffn = p;
 	p += layers * dim;
-	w->w1 = p;
+	w->w1 = (struct engine_tensor){ p, ENGINE_WEIGHT_F32 };
 	p += layers * hidden * dim;
-	w->w2 = p;
+	w->w2 = (struct engine_tensor){ p, ENGINE_WEIGHT_F32 };
 	p += layers * dim * hidden;
-	w->w3 = p;
+	w->w3 = (struct engine_tensor){ p, ENGINE_WEIGHT_F32 };
 	p += layers * hidden * dim;
 	w->rms_final = p;
 	p += dim;
 	p += (size_t)s->seq_len * head_size; /* RoPE tables, computed instead */
-	w->classifier = s->shared_classifier ? w->token_embedding : p;
+	w->classifier = (struct engine_tensor){
+		s->shared_classifier ? w->token_embedding : p, ENGINE_WEIGHT_F32
+	};
 }
 
 
@@ -209,6 +226,29 @@ int engine_model_open(const char *path, struct engine_model **out,
 		rc = engine_fail(err, "%s: not a regular file; expected a "
 				 "llama2.c checkpoint", path);
 		goto err_close;
+	}
+	if ((uint64_t)st.st_size >= sizeof(uint32_t)) {
+		uint32_t magic;
+
+		if (pread(fd, &magic, sizeof(magic), 0) != sizeof(magic)) {
+			rc = engine_fail(err, "%s: cannot read the checkpoint "
+					 "header", path);
+			goto err_close;
+		}
+		if (magic == ENGINE_QUANT_MAGIC) {
+			model = calloc(1, sizeof(*model));
+			if (model == NULL) {
+				rc = -ENOMEM;
+				goto err_close;
+			}
+			rc = engine_quant_open(path, fd, (uint64_t)st.st_size,
+					       model, err);
+			if (rc < 0)
+				goto err_free;
+			close(fd);
+			*out = model;
+			return 0;
+		}
 	}
 	if ((uint64_t)st.st_size < HEADER_BYTES) {
 		rc = engine_fail(err,
@@ -279,6 +319,54 @@ void engine_model_close(struct engine_model *model)
 const struct engine_shape *engine_model_shape(const struct engine_model *model)
 {
 	return &model->shape;
+}
+
+
+enum engine_weight_type engine_model_weight_type(const struct engine_model *model)
+{
+	return model->file_type;
+}
+
+
+struct engine_tensor_view engine_model_tensor(const struct engine_model *model,
+					      enum engine_tensor_id id)
+{
+	const struct engine_weights *w = &model->weights;
+	struct engine_tensor_view view = {
+		.type = ENGINE_WEIGHT_F32,
+		.dims = engine_tensor_dims(&model->shape, id),
+	};
+	const struct engine_tensor *tensor = NULL;
+
+	switch (id) {
+	case ENGINE_TENSOR_TOKEN_EMBEDDING:
+		view.data = w->token_embedding;
+		break;
+	case ENGINE_TENSOR_RMS_ATT:
+		view.data = w->rms_att;
+		break;
+	case ENGINE_TENSOR_RMS_FFN:
+		view.data = w->rms_ffn;
+		break;
+	case ENGINE_TENSOR_RMS_FINAL:
+		view.data = w->rms_final;
+		break;
+	case ENGINE_TENSOR_WQ: tensor = &w->wq; break;
+	case ENGINE_TENSOR_WK: tensor = &w->wk; break;
+	case ENGINE_TENSOR_WV: tensor = &w->wv; break;
+	case ENGINE_TENSOR_WO: tensor = &w->wo; break;
+	case ENGINE_TENSOR_W1: tensor = &w->w1; break;
+	case ENGINE_TENSOR_W2: tensor = &w->w2; break;
+	case ENGINE_TENSOR_W3: tensor = &w->w3; break;
+	case ENGINE_TENSOR_CLASSIFIER: tensor = &w->classifier; break;
+	default:
+		break;
+	}
+	if (tensor != NULL) {
+		view.data = tensor->data;
+		view.type = tensor->type;
+	}
+	return view;
 }
 
 

@@ -1,0 +1,509 @@
+/*
+ * Matrix products of quantized weights (Q8_0, Q4_0) and activations
+ * quantized per block of 32 to int8, with AVX-512 VNNI, AVX2 and scalar
+ * paths chosen once at start-up (SLAB_ISA=scalar|avx2 forces one, as for
+ * the float32 kernels).
+ *
+ * Determinism rule, stated in full in engine_internal.h: each dot product
+ * runs over pairs of blocks in 16 float lanes. Lane j takes the exact
+ * integer sum of four products of block 2m + j / 8 and adds it, times the
+ * product of the two block scales, with one fused multiply-add. The lanes
+ * are then reduced by the fixed tree of kernel_dot. Integer sums are exact
+ * on every path, so the paths agree bit for bit and no result depends on
+ * how rows or tokens are tiled.
+ */
+#include "worker/engine_internal.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16
+#define QK ENGINE_QUANT_BLOCK
+
+/* Rows per cache block of a prefill, as in kernels.c. */
+#define ROW_BLOCK_BYTES (192 * 1024)
+
+enum quant_isa {
+	QUANT_SCALAR,
+	QUANT_AVX2,
+	QUANT_AVX512_VNNI,
+};
+
+static enum quant_isa selected_quant_isa = QUANT_SCALAR;
+
+
+__attribute__((constructor)) static void select_quant_isa(void)
+{
+	const char *forced = getenv("SLAB_ISA");
+	bool has_vnni, has_avx2;
+
+	__builtin_cpu_init();
+	has_avx2 = __builtin_cpu_supports("avx2") &&
+		   __builtin_cpu_supports("fma");
+	has_vnni = has_avx2 && __builtin_cpu_supports("avx512f") &&
+		   __builtin_cpu_supports("avx512bw") &&
+		   __builtin_cpu_supports("avx512dq") &&
+		   __builtin_cpu_supports("avx512vnni");
+
+	if (forced != NULL && strcmp(forced, "scalar") == 0)
+		selected_quant_isa = QUANT_SCALAR;
+	else if (forced != NULL && strcmp(forced, "avx2") == 0 && has_avx2)
+		selected_quant_isa = QUANT_AVX2;
+	else if (has_vnni)
+		selected_quant_isa = QUANT_AVX512_VNNI;
+	else if (has_avx2)
+		selected_quant_isa = QUANT_AVX2;
+	else
+		selected_quant_isa = QUANT_SCALAR;
+}
+
+
+const char *kernel_quant_isa(void)
+{
+	switch (selected_quant_isa) {
+	case QUANT_AVX512_VNNI:
+		return "avx512-vnni";
+	case QUANT_AVX2:
+		return "avx2";
+	default:
+		return "scalar";
+	}
+}
+
+
+void kernel_quantize_row(int8_t *xq, float *xd, const float *x, int n)
+{
+	for (int b = 0; b < n / QK; b++) {
+		const float *v = x + (size_t)b * QK;
+		float amax = 0.0f;
+
+		for (int i = 0; i < QK; i++)
+			amax = fmaxf(amax, fabsf(v[i]));
+
+		float d = amax / 127.0f;
+		float id = d != 0.0f ? 1.0f / d : 0.0f;
+
+		xd[b] = d;
+		/* The clamp keeps -128 out (the AVX2 sign trick needs that)
+		 * and turns NaN into -127 instead of an undefined cast. */
+		for (int i = 0; i < QK; i++)
+			xq[(size_t)b * QK + i] =
+				(int8_t)fminf(fmaxf(roundf(v[i] * id), -127.0f),
+					      127.0f);
+	}
+}
+
+
+/* ---- Scalar path --------------------------------------------------------- */
+
+static float reduce_lanes(const float *acc)
+{
+	float r8[8], r4[4], r2[2];
+
+	for (int j = 0; j < 8; j++)
+		r8[j] = acc[j] + acc[j + 8];
+	for (int j = 0; j < 4; j++)
+		r4[j] = r8[j] + r8[j + 4];
+	for (int j = 0; j < 2; j++)
+		r2[j] = r4[j] + r4[j + 2];
+	return r2[0] + r2[1];
+}
+
+
+/* Unpacks block b of a row into 32 int8 weights and returns its scale. */
+static float unpack_block(const void *w, enum engine_weight_type type, int b,
+			  int8_t *q)
+{
+	if (type == ENGINE_WEIGHT_Q8_0) {
+		const struct engine_block_q8_0 *block =
+			(const struct engine_block_q8_0 *)w + b;
+
+		memcpy(q, block->qs, QK);
+		return (float)block->d;
+	}
+
+	const struct engine_block_q4_0 *block =
+		(const struct engine_block_q4_0 *)w + b;
+
+	for (int j = 0; j < QK / 2; j++) {
+		q[j] = (int8_t)((block->qs[j] & 15) - 8);
+		q[j + QK / 2] = (int8_t)((block->qs[j] >> 4) - 8);
+	}
+	return (float)block->d;
+}
+
+
+static float dot_quant_scalar(const void *w, enum engine_weight_type type,
+			      const int8_t *xq, const float *xd, int n)
+{
+	float acc[LANES] = { 0 };
+	int nb = n / QK;
+
+	for (int pair = 0; pair < nb; pair += 2) {
+		for (int half = 0; half < 2; half++) {
+			int b = pair + half;
+			int32_t sums[8] = { 0 };
+			float scale = 0.0f;
+
+			if (b < nb) {
+				int8_t q[QK];
+				float dw = unpack_block(w, type, b, q);
+
+				scale = dw * xd[b];
+				for (int i = 0; i < QK; i++)
+					sums[i / 4] += q[i] *
+						       xq[(size_t)b * QK + i];
+			}
+			for (int j = 0; j < 8; j++)
+				acc[half * 8 + j] = fmaf(scale, (float)sums[j],
+							 acc[half * 8 + j]);
+		}
+	}
+	return reduce_lanes(acc);
+}
+
+
+static void matmul_quant_scalar(float *out, int out_stride, const int8_t *xq,
+				const float *xd, int n_tokens, const void *w,
+				enum engine_weight_type type, int n,
+				int row_begin, int row_end)
+{
+	size_t row_bytes = (size_t)engine_weight_bytes(type, (uint64_t)n);
+
+	for (int i = row_begin; i < row_end; i++)
+		for (int t = 0; t < n_tokens; t++)
+			out[(size_t)t * out_stride + i] = dot_quant_scalar(
+				(const char *)w + (size_t)i * row_bytes, type,
+				xq + (size_t)t * n, xd + (size_t)t * (n / QK),
+				n);
+}
+
+
+/* ---- Shared by the SIMD paths ------------------------------------------- */
+
+#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TARGET_AVX512 \
+	__attribute__((target("avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c")))
+
+/* Unpacks one Q4_0 block into 32 int8 weights in [-8, 7], in order. */
+TARGET_AVX2 static inline __m256i unpack_q4_0(const struct engine_block_q4_0 *b)
+{
+	const __m128i low_nibbles = _mm_set1_epi8(15);
+	__m128i raw = _mm_loadu_si128((const __m128i *)b->qs);
+	__m128i lo = _mm_and_si128(raw, low_nibbles);
+	__m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_nibbles);
+
+	return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+}
+
+
+/* Returns block b of a row as 32 int8 weights and stores its scale. */
+TARGET_AVX2 static inline __m256i load_block(const void *w,
+					     enum engine_weight_type type,
+					     int b, float *d)
+{
+	if (type == ENGINE_WEIGHT_Q8_0) {
+		const struct engine_block_q8_0 *block =
+			(const struct engine_block_q8_0 *)w + b;
+
+		*d = (float)block->d;
+		return _mm256_loadu_si256((const __m256i *)block->qs);
+	}
+
+	const struct engine_block_q4_0 *block =
+		(const struct engine_block_q4_0 *)w + b;
+
+	*d = (float)block->d;
+	return unpack_q4_0(block);
+}
+
+
+/* ---- AVX2 path: lanes 0-7 and 8-15 in two registers, maddubs ------------ */
+
+TARGET_AVX2 static inline float reduce_avx2(__m256 lo, __m256 hi)
+{
+	__m256 r8 = _mm256_add_ps(lo, hi);
+	__m128 r4 = _mm_add_ps(_mm256_castps256_ps128(r8),
+			       _mm256_extractf128_ps(r8, 1));
+	__m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
+	__m128 r1 = _mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1));
+
+	return _mm_cvtss_f32(r1);
+}
+
+
+/*
+ * Computes an R x T tile of quantized dot products. Products of one block
+ * are summed exactly: maddubs multiplies |w| (at most 128) by x with the
+ * sign of w (at most 127 in magnitude) and adds pairs without reaching the
+ * int16 limit, and madd adds those pairs into int32 lanes of 4 bytes.
+ */
+TARGET_AVX2 __attribute__((always_inline)) static inline void
+tile_quant_avx2(float *out, int out_stride, const int8_t *xq, const float *xd,
+		const char *w, size_t row_bytes, enum engine_weight_type type,
+		int n, int R, int T)
+{
+	const __m256i ones = _mm256_set1_epi16(1);
+	const int nb = n / QK;
+	__m256 acc[2][2][2];
+
+	for (int r = 0; r < R; r++)
+		for (int t = 0; t < T; t++)
+			acc[r][t][0] = acc[r][t][1] = _mm256_setzero_ps();
+
+	for (int b = 0; b < nb; b++) {
+		int half = b & 1;
+		__m256i x[2];
+
+		for (int t = 0; t < T; t++)
+			x[t] = _mm256_loadu_si256(
+				(const __m256i *)(xq + (size_t)t * n +
+						  (size_t)b * QK));
+		for (int r = 0; r < R; r++) {
+			float dw;
+			__m256i q = load_block(w + (size_t)r * row_bytes, type,
+					       b, &dw);
+			__m256i magnitude = _mm256_sign_epi8(q, q);
+
+			for (int t = 0; t < T; t++) {
+				__m256i signed_x = _mm256_sign_epi8(x[t], q);
+				__m256i sums = _mm256_madd_epi16(
+					_mm256_maddubs_epi16(magnitude,
+							     signed_x),
+					ones);
+				__m256 scale = _mm256_set1_ps(
+					dw * xd[(size_t)t * nb + b]);
+
+				acc[r][t][half] = _mm256_fmadd_ps(
+					scale, _mm256_cvtepi32_ps(sums),
+					acc[r][t][half]);
+			}
+		}
+	}
+
+	for (int r = 0; r < R; r++)
+		for (int t = 0; t < T; t++)
+			out[(size_t)t * out_stride + r] =
+				reduce_avx2(acc[r][t][0], acc[r][t][1]);
+}
+
+
+TARGET_AVX2 static void
+matmul_quant_avx2(float *out, int out_stride, const int8_t *xq,
+		  const float *xd, int n_tokens, const void *w,
+		  enum engine_weight_type type, int n, int row_begin,
+		  int row_end)
+{
+	size_t row_bytes = (size_t)engine_weight_bytes(type, (uint64_t)n);
+	size_t x_scales = (size_t)(n / QK);
+	int i = row_begin;
+
+	for (; i + 2 <= row_end; i += 2) {
+		const char *wi = (const char *)w + (size_t)i * row_bytes;
+		int t = 0;
+
+		for (; t + 2 <= n_tokens; t += 2)
+			tile_quant_avx2(out + (size_t)t * out_stride + i,
+					out_stride, xq + (size_t)t * n,
+					xd + (size_t)t * x_scales, wi,
+					row_bytes, type, n, 2, 2);
+		for (; t < n_tokens; t++)
+			tile_quant_avx2(out + (size_t)t * out_stride + i,
+					out_stride, xq + (size_t)t * n,
+					xd + (size_t)t * x_scales, wi,
+					row_bytes, type, n, 2, 1);
+	}
+	for (; i < row_end; i++) {
+		const char *wi = (const char *)w + (size_t)i * row_bytes;
+
+		for (int t = 0; t < n_tokens; t++)
+			tile_quant_avx2(out + (size_t)t * out_stride + i,
+					out_stride, xq + (size_t)t * n,
+					xd + (size_t)t * x_scales, wi,
+					row_bytes, type, n, 1, 1);
+	}
+}
+
+
+/* ---- AVX-512 VNNI path: 16 lanes, two blocks per register --------------- */
+
+TARGET_AVX512 static inline float reduce_avx512(__m512 acc)
+{
+	__m256 r8 = _mm256_add_ps(_mm512_castps512_ps256(acc),
+				  _mm512_extractf32x8_ps(acc, 1));
+	__m128 r4 = _mm_add_ps(_mm256_castps256_ps128(r8),
+			       _mm256_extractf128_ps(r8, 1));
+	__m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
+	__m128 r1 = _mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1));
+
+	return _mm_cvtss_f32(r1);
+}
+
+
+/* A float for lanes 0-7 and another for lanes 8-15. */
+TARGET_AVX512 static inline __m512 pair_scale(float first, float second)
+{
+	return _mm512_insertf32x8(_mm512_set1_ps(first),
+				  _mm256_set1_ps(second), 1);
+}
+
+
+/*
+ * Computes an R x T tile of quantized dot products, two blocks per step.
+ * vpdpbusd multiplies unsigned by signed bytes, so the activations go in
+ * as x + 128 and the weights as they are; the accumulator starts at
+ * -128 times each lane's sum of weights, which leaves the exact sum of
+ * x w (at most 4 * 255 * 128 in magnitude before the correction).
+ */
+TARGET_AVX512 __attribute__((always_inline)) static inline void
+tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
+		  const float *xd, const char *w, size_t row_bytes,
+		  enum engine_weight_type type, int n, int R, int T)
+{
+	const __m512i flip = _mm512_set1_epi8((char)0x80);
+	const __m512i ones = _mm512_set1_epi8(1);
+	const int nb = n / QK;
+	__m512 acc[4][4];
+
+	for (int r = 0; r < R; r++)
+		for (int t = 0; t < T; t++)
+			acc[r][t] = _mm512_setzero_ps();
+
+	for (int b = 0; b < nb; b += 2) {
+		bool pair = b + 1 < nb;
+		__m512i x_biased[4];
+		__m512 dx[4];
+
+		for (int t = 0; t < T; t++) {
+			const int8_t *xt = xq + (size_t)t * n + (size_t)b * QK;
+			const float *dt = xd + (size_t)t * nb + b;
+			__m512i x = pair ? _mm512_loadu_si512(xt)
+					 : _mm512_zextsi256_si512(
+						   _mm256_loadu_si256(
+							   (const __m256i *)xt));
+
+			x_biased[t] = _mm512_xor_si512(x, flip);
+			dx[t] = pair_scale(dt[0], pair ? dt[1] : 0.0f);
+		}
+		for (int r = 0; r < R; r++) {
+			const char *wr = w + (size_t)r * row_bytes;
+			float dw0, dw1 = 0.0f;
+			__m256i q0 = load_block(wr, type, b, &dw0);
+			__m256i q1 = pair ? load_block(wr, type, b + 1, &dw1)
+					  : _mm256_setzero_si256();
+			__m512i q = _mm512_inserti64x4(
+				_mm512_castsi256_si512(q0), q1, 1);
+			__m512 dw = pair_scale(dw0, dw1);
+			__m512i weight_sums = _mm512_dpbusd_epi32(
+				_mm512_setzero_si512(), ones, q);
+			__m512i correction = _mm512_sub_epi32(
+				_mm512_setzero_si512(),
+				_mm512_slli_epi32(weight_sums, 7));
+
+			for (int t = 0; t < T; t++) {
+				__m512i sums = _mm512_dpbusd_epi32(
+					correction, x_biased[t], q);
+				__m512 scale = _mm512_mul_ps(dw, dx[t]);
+
+				acc[r][t] = _mm512_fmadd_ps(
+					scale, _mm512_cvtepi32_ps(sums),
+					acc[r][t]);
+			}
+		}
+	}
+
+	for (int r = 0; r < R; r++)
+		for (int t = 0; t < T; t++)
+			out[(size_t)t * out_stride + r] = reduce_avx512(acc[r][t]);
+}
+
+
+/* Runs the 4-row tiles of one group of tokens, then the leftover rows. */
+#define MATMUL_QUANT_AVX512_TOKENS(T)                                         \
+	do {                                                                  \
+		int i = block_begin;                                          \
+		for (; i + 4 <= block_end; i += 4)                            \
+			tile_quant_avx512(o + i, out_stride, xt, dt,          \
+					  wb + (size_t)i * row_bytes,         \
+					  row_bytes, type, n, 4, T);          \
+		for (; i < block_end; i++)                                    \
+			tile_quant_avx512(o + i, out_stride, xt, dt,          \
+					  wb + (size_t)i * row_bytes,         \
+					  row_bytes, type, n, 1, T);          \
+	} while (0)
+
+/*
+ * Rows are taken in blocks of about ROW_BLOCK_BYTES of weights and every
+ * token runs through one block before the next, as in the float32 kernel.
+ */
+TARGET_AVX512 static void
+matmul_quant_avx512(float *out, int out_stride, const int8_t *xq,
+		    const float *xd, int n_tokens, const void *w,
+		    enum engine_weight_type type, int n, int row_begin,
+		    int row_end)
+{
+	size_t row_bytes = (size_t)engine_weight_bytes(type, (uint64_t)n);
+	size_t x_scales = (size_t)(n / QK);
+	const char *wb = w;
+	int block_rows = (int)(ROW_BLOCK_BYTES / row_bytes);
+
+	block_rows = block_rows < 4 ? 4 : block_rows & ~3;
+	for (int block_begin = row_begin; block_begin < row_end;
+	     block_begin += block_rows) {
+		int block_end = block_begin + block_rows < row_end
+					? block_begin + block_rows
+					: row_end;
+		int t = 0;
+
+		for (; t + 4 <= n_tokens; t += 4) {
+			float *o = out + (size_t)t * out_stride;
+			const int8_t *xt = xq + (size_t)t * n;
+			const float *dt = xd + (size_t)t * x_scales;
+
+			MATMUL_QUANT_AVX512_TOKENS(4);
+		}
+		for (; t < n_tokens; t++) {
+			float *o = out + (size_t)t * out_stride;
+			const int8_t *xt = xq + (size_t)t * n;
+			const float *dt = xd + (size_t)t * x_scales;
+
+			MATMUL_QUANT_AVX512_TOKENS(1);
+		}
+	}
+}
+
+
+/* ---- Dispatch ------------------------------------------------------------ */
+
+void kernel_matmul_quant(float *out, int out_stride, const int8_t *xq,
+			 const float *xd, int n_tokens, const void *w,
+			 enum engine_weight_type type, int n, int row_begin,
+			 int row_end)
+{
+	switch (selected_quant_isa) {
+	case QUANT_AVX512_VNNI:
+		matmul_quant_avx512(out, out_stride, xq, xd, n_tokens, w, type,
+				    n, row_begin, row_end);
+		break;
+	case QUANT_AVX2:
+		matmul_quant_avx2(out, out_stride, xq, xd, n_tokens, w, type, n,
+				  row_begin, row_end);
+		break;
+	default:
+		matmul_quant_scalar(out, out_stride, xq, xd, n_tokens, w, type,
+				    n, row_begin, row_end);
+		break;
+	}
+}
+
+
+float kernel_dot_quant(const void *w, enum engine_weight_type type,
+		       const int8_t *xq, const float *xd, int n)
+{
+	float out;
+
+	kernel_matmul_quant(&out, 1, xq, xd, 1, w, type, n, 0, 1);
+	return out;
+}
