@@ -187,15 +187,22 @@ static void matmul_quant_scalar(float *out, int out_stride, const int8_t *xq,
 #define TARGET_AVX512 \
 	__attribute__((target("avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c")))
 
-/* Unpacks one Q4_0 block into 32 int8 weights in [-8, 7], in order. */
-TARGET_AVX2 static inline __m256i unpack_q4_0(const struct engine_block_q4_0 *b)
+/* Unpacks the 32 stored codes (q + 8, in [0, 15]) of a Q4_0 block, in order. */
+TARGET_AVX2 static inline __m256i unpack_q4_0_codes(const struct engine_block_q4_0 *b)
 {
 	const __m128i low_nibbles = _mm_set1_epi8(15);
 	__m128i raw = _mm_loadu_si128((const __m128i *)b->qs);
 	__m128i lo = _mm_and_si128(raw, low_nibbles);
 	__m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_nibbles);
 
-	return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+	return _mm256_set_m128i(hi, lo);
+}
+
+
+/* Unpacks one Q4_0 block into 32 int8 weights in [-8, 7], in order. */
+TARGET_AVX2 static inline __m256i unpack_q4_0(const struct engine_block_q4_0 *b)
+{
+	return _mm256_sub_epi8(unpack_q4_0_codes(b), _mm256_set1_epi8(8));
 }
 
 
@@ -351,70 +358,120 @@ TARGET_AVX512 static inline __m512 pair_scale(float first, float second)
 
 
 /*
- * Computes an R x T tile of quantized dot products, two blocks per step.
- * vpdpbusd multiplies unsigned by signed bytes, so the activations go in
- * as x + 128 and the weights as they are; the accumulator starts at
- * -128 times each lane's sum of weights, which leaves the exact sum of
- * x w (at most 4 * 255 * 128 in magnitude before the correction).
+ * Returns block b of a row as 32 unsigned bytes w + bias and stores its
+ * scale: bias 128 for Q8_0 (w xor 0x80), and 8 for Q4_0, whose stored codes
+ * already are w + 8.
+ */
+TARGET_AVX2 static inline __m256i load_block_biased(const void *w,
+						    enum engine_weight_type type,
+						    int b, float *d)
+{
+	if (type == ENGINE_WEIGHT_Q8_0) {
+		const struct engine_block_q8_0 *block =
+			(const struct engine_block_q8_0 *)w + b;
+
+		*d = (float)block->d;
+		return _mm256_xor_si256(
+			_mm256_loadu_si256((const __m256i *)block->qs),
+			_mm256_set1_epi8((char)0x80));
+	}
+
+	const struct engine_block_q4_0 *block =
+		(const struct engine_block_q4_0 *)w + b;
+
+	*d = (float)block->d;
+	return unpack_q4_0_codes(block);
+}
+
+
+/*
+ * Adds the block pair (b, b + 1) of R rows and T tokens to acc. The second
+ * block is absent (zeros with scale 0) when pair is false. vpdpbusd
+ * multiplies unsigned by signed bytes, so the weights go in as w + bias and
+ * the activations as they are. The accumulator starts at -bias times each
+ * lane's sum of activations, which leaves the exact sum of w x (at most
+ * 4 * 255 * 127 in magnitude before the correction).
+ */
+TARGET_AVX512 __attribute__((always_inline)) static inline void
+pair_step_avx512(__m512 acc[4][4], const int8_t *xq, const float *xd,
+		 const char *w, size_t row_bytes, enum engine_weight_type type,
+		 int n, int b, bool pair, int R, int T)
+{
+	const __m512i ones = _mm512_set1_epi8(1);
+	const int bias_shift = type == ENGINE_WEIGHT_Q8_0 ? 7 : 3;
+	const int nb = n / QK;
+	__m512i x[4], correction[4];
+	__m512 dx[4];
+
+#pragma GCC unroll 4
+	for (int t = 0; t < T; t++) {
+		const int8_t *xt = xq + (size_t)t * n + (size_t)b * QK;
+		const float *dt = xd + (size_t)t * nb + b;
+		__m512i sums;
+
+		x[t] = pair ? _mm512_loadu_si512(xt)
+			    : _mm512_zextsi256_si512(
+				      _mm256_loadu_si256((const __m256i *)xt));
+		sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, x[t]);
+		correction[t] = _mm512_sub_epi32(
+			_mm512_setzero_si512(),
+			_mm512_slli_epi32(sums, bias_shift));
+		dx[t] = pair_scale(dt[0], pair ? dt[1] : 0.0f);
+	}
+#pragma GCC unroll 4
+	for (int r = 0; r < R; r++) {
+		const char *wr = w + (size_t)r * row_bytes;
+		float dw0, dw1 = 0.0f;
+		__m256i q0 = load_block_biased(wr, type, b, &dw0);
+		__m256i q1 = pair ? load_block_biased(wr, type, b + 1, &dw1)
+				  : _mm256_setzero_si256();
+		__m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1,
+					       1);
+		__m512 dw = pair_scale(dw0, dw1);
+
+#pragma GCC unroll 4
+		for (int t = 0; t < T; t++) {
+			__m512i sums = _mm512_dpbusd_epi32(correction[t], q,
+							   x[t]);
+			__m512 scale = _mm512_mul_ps(dw, dx[t]);
+
+			acc[r][t] = _mm512_fmadd_ps(scale,
+						    _mm512_cvtepi32_ps(sums),
+						    acc[r][t]);
+		}
+	}
+}
+
+
+/*
+ * Computes an R x T tile of quantized dot products. Called with constant
+ * R, T and type so that the accumulators stay in registers.
  */
 TARGET_AVX512 __attribute__((always_inline)) static inline void
 tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
 		  const float *xd, const char *w, size_t row_bytes,
 		  enum engine_weight_type type, int n, int R, int T)
 {
-	const __m512i flip = _mm512_set1_epi8((char)0x80);
-	const __m512i ones = _mm512_set1_epi8(1);
 	const int nb = n / QK;
 	__m512 acc[4][4];
+	int b = 0;
 
+#pragma GCC unroll 4
 	for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
 		for (int t = 0; t < T; t++)
 			acc[r][t] = _mm512_setzero_ps();
 
-	for (int b = 0; b < nb; b += 2) {
-		bool pair = b + 1 < nb;
-		__m512i x_biased[4];
-		__m512 dx[4];
+	for (; b + 2 <= nb; b += 2)
+		pair_step_avx512(acc, xq, xd, w, row_bytes, type, n, b, true,
+				 R, T);
+	if (b < nb)
+		pair_step_avx512(acc, xq, xd, w, row_bytes, type, n, b, false,
+				 R, T);
 
-		for (int t = 0; t < T; t++) {
-			const int8_t *xt = xq + (size_t)t * n + (size_t)b * QK;
-			const float *dt = xd + (size_t)t * nb + b;
-			__m512i x = pair ? _mm512_loadu_si512(xt)
-					 : _mm512_zextsi256_si512(
-						   _mm256_loadu_si256(
-							   (const __m256i *)xt));
-
-			x_biased[t] = _mm512_xor_si512(x, flip);
-			dx[t] = pair_scale(dt[0], pair ? dt[1] : 0.0f);
-		}
-		for (int r = 0; r < R; r++) {
-			const char *wr = w + (size_t)r * row_bytes;
-			float dw0, dw1 = 0.0f;
-			__m256i q0 = load_block(wr, type, b, &dw0);
-			__m256i q1 = pair ? load_block(wr, type, b + 1, &dw1)
-					  : _mm256_setzero_si256();
-			__m512i q = _mm512_inserti64x4(
-				_mm512_castsi256_si512(q0), q1, 1);
-			__m512 dw = pair_scale(dw0, dw1);
-			__m512i weight_sums = _mm512_dpbusd_epi32(
-				_mm512_setzero_si512(), ones, q);
-			__m512i correction = _mm512_sub_epi32(
-				_mm512_setzero_si512(),
-				_mm512_slli_epi32(weight_sums, 7));
-
-			for (int t = 0; t < T; t++) {
-				__m512i sums = _mm512_dpbusd_epi32(
-					correction, x_biased[t], q);
-				__m512 scale = _mm512_mul_ps(dw, dx[t]);
-
-				acc[r][t] = _mm512_fmadd_ps(
-					scale, _mm512_cvtepi32_ps(sums),
-					acc[r][t]);
-			}
-		}
-	}
-
+#pragma GCC unroll 4
 	for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
 		for (int t = 0; t < T; t++)
 			out[(size_t)t * out_stride + r] = reduce_avx512(acc[r][t]);
 }
@@ -437,12 +494,13 @@ tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
 /*
  * Rows are taken in blocks of about ROW_BLOCK_BYTES of weights and every
  * token runs through one block before the next, as in the float32 kernel.
+ * Inlined once per weight type, so that the type is a constant.
  */
-TARGET_AVX512 static void
-matmul_quant_avx512(float *out, int out_stride, const int8_t *xq,
-		    const float *xd, int n_tokens, const void *w,
-		    enum engine_weight_type type, int n, int row_begin,
-		    int row_end)
+TARGET_AVX512 __attribute__((always_inline)) static inline void
+matmul_quant_avx512_type(float *out, int out_stride, const int8_t *xq,
+			 const float *xd, int n_tokens, const void *w,
+			 enum engine_weight_type type, int n, int row_begin,
+			 int row_end)
 {
 	size_t row_bytes = (size_t)engine_weight_bytes(type, (uint64_t)n);
 	size_t x_scales = (size_t)(n / QK);
@@ -472,6 +530,23 @@ matmul_quant_avx512(float *out, int out_stride, const int8_t *xq,
 			MATMUL_QUANT_AVX512_TOKENS(1);
 		}
 	}
+}
+
+
+TARGET_AVX512 static void
+matmul_quant_avx512(float *out, int out_stride, const int8_t *xq,
+		    const float *xd, int n_tokens, const void *w,
+		    enum engine_weight_type type, int n, int row_begin,
+		    int row_end)
+{
+	if (type == ENGINE_WEIGHT_Q8_0)
+		matmul_quant_avx512_type(out, out_stride, xq, xd, n_tokens, w,
+					 ENGINE_WEIGHT_Q8_0, n, row_begin,
+					 row_end);
+	else
+		matmul_quant_avx512_type(out, out_stride, xq, xd, n_tokens, w,
+					 ENGINE_WEIGHT_Q4_0, n, row_begin,
+					 row_end);
 }
 
 
