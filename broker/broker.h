@@ -154,6 +154,10 @@ struct broker_worker {
 	uint64_t pending_fault;   /* Fault to inject into the next step */
 };
 
+/*
+ * A session as the broker sees it. Logs name a session by slot and
+ * generation ("session 3/7"), never by its handle, which holds the secret.
+ */
 struct broker_session {
 	bool in_use;
 	struct shm_handle handle;
@@ -161,6 +165,7 @@ struct broker_session {
 	bool one_shot;
 	bool in_step;
 	int crash_count;          /* workers that died holding this session */
+	bool solo;                /* next step runs this session alone */
 	struct broker_request *request;
 
 	uint32_t committed;       /* mirror of the shared session table */
@@ -232,6 +237,7 @@ struct broker {
 	int max_step_tokens;
 
 	int listen_fd;
+	int socket_lock_fd;           /* flock of SOCKET.lock, held for life */
 	struct loop_op accept_op;
 	bool accepting;
 	int signal_fd;
@@ -265,6 +271,8 @@ struct broker {
 int broker_parse_options(int argc, char **argv, struct broker_config *config);
 
 /* server.c: listening socket and client connections. */
+int broker_lock_socket(struct broker *broker);
+void broker_unlock_socket(struct broker *broker);
 int broker_listen(struct broker *broker);
 void broker_stop_listening(struct broker *broker);
 void connection_send_reply(struct broker_connection *connection,
@@ -315,6 +323,8 @@ int worker_send_step(struct broker_worker *worker,
 		     const Slabd__Worker__StepRequest *request);
 void workers_stop(struct broker *broker);
 void worker_kill(struct broker_worker *worker, const char *reason);
+/* Whether the worker's process still runs, from a poll of its pidfd. */
+bool worker_alive(const struct broker_worker *worker);
 void workers_check_deadlines(struct broker *broker);
 void workers_free(struct broker *broker);
 

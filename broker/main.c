@@ -336,7 +336,8 @@ int main(int argc, char **argv)
 	broker.started_ns = engine_now_ns();
 	broker.listen_fd = -1;
 	broker.signal_fd = -1;
-	if (load_model(&broker) < 0)
+	broker.socket_lock_fd = -1;
+	if (load_model(&broker) < 0 || broker_lock_socket(&broker) < 0)
 		return 1;
 
 	rc = loop_create(broker.config.force_epoll, &broker.loop, &fallback);
@@ -398,6 +399,7 @@ int main(int argc, char **argv)
 	shm_arena_close(broker.arena);
 	if (broker.exit_status == 0) {
 		shm_segments_unlink(broker.config.instance);
+		broker_unlock_socket(&broker);
 		log_notice("stopped cleanly; shared memory removed");
 	}
 	broker_free(&broker);

@@ -422,9 +422,9 @@ static void start_request(struct broker_connection *c, uint64_t id,
 		if (session->request != NULL) {
 			connection_send_error(c, id,
 					      SLABD__ERROR_CODE__ERROR_CODE_FAILED_PRECONDITION,
-					      "session %.8s... already runs request "
+					      "session %u/%u already runs request "
 					      "%llu; wait for it or cancel it",
-					      session->handle_text,
+					      session->handle.slot, session->handle.generation,
 					      (unsigned long long)session->request->request_id);
 			return;
 		}

@@ -251,8 +251,8 @@ static void build_shift_step(struct broker *broker, struct broker_worker *worker
 	step->tokens = s->committed;
 	step->entries[0] = (struct broker_step_entry){ .session = s, .shift = true };
 	s->in_step = true;
-	log_debug("session %.8s... shifts: %u positions dropped after %d kept",
-		  s->handle_text, s->shift_discard, shift->n_keep);
+	log_debug("session %u/%u shifts: %u positions dropped after %d kept",
+		  s->handle.slot, s->handle.generation, s->shift_discard, shift->n_keep);
 	send_step(broker, worker);
 }
 
@@ -344,6 +344,12 @@ static void build_step(struct broker *broker, struct broker_worker *worker)
 		if (r == NULL) {
 			*link = s->next_runnable;
 			s->queued = false;
+			continue;
+		}
+
+		/* A session whose batch crashed runs alone to find the culprit. */
+		if (s->solo && step->n_entries > 0) {
+			link = &s->next_runnable;
 			continue;
 		}
 
@@ -443,6 +449,8 @@ static void build_step(struct broker *broker, struct broker_worker *worker)
 			s->in_step = true;
 			budget -= w.n;
 			step->tokens += (uint64_t)w.n;
+			if (s->solo)
+				break;
 		}
 	}
 	reset_runnable_tail(broker);
@@ -460,9 +468,15 @@ void scheduler_run(struct broker *broker)
 {
 	if (broker->stopping)
 		return;
-	for (int i = 0; i < broker->config.workers && broker->runnable_head; i++)
-		if (broker->workers[i].state == WORKER_IDLE)
-			build_step(broker, &broker->workers[i]);
+	for (int i = 0; i < broker->config.workers && broker->runnable_head; i++) {
+		struct broker_worker *worker = &broker->workers[i];
+
+		/* A worker that died since its last reply must not get a step. */
+		if (worker->state == WORKER_IDLE && !worker_alive(worker))
+			worker_kill(worker, "process exited");
+		if (worker->state == WORKER_IDLE)
+			build_step(broker, worker);
+	}
 }
 
 
@@ -531,11 +545,12 @@ static void finish_entry(struct broker *broker, const struct broker_step_entry *
 
 	s->in_step = false;
 	s->crash_count = 0;
+	s->solo = false;
 	if (e->shift) {
 		rc = commit_shift(broker, s);
 		if (rc < 0) {
-			log_error("commit of the shift of session %.8s... "
-				  "failed: %s", s->handle_text, shm_strerror(rc));
+			log_error("commit of the shift of session %u/%u "
+				  "failed: %s", s->handle.slot, s->handle.generation, shm_strerror(rc));
 			session_release_rented(broker, s);
 			if (r != NULL)
 				request_fail(broker, r,
@@ -562,8 +577,8 @@ static void finish_entry(struct broker *broker, const struct broker_step_entry *
 	}
 	rc = commit_sequence(broker, s, e, tokens);
 	if (rc < 0) {
-		log_error("commit of session %.8s... at position %d failed: %s",
-			  s->handle_text, (int)e->start, shm_strerror(rc));
+		log_error("commit of session %u/%u at position %d failed: %s",
+			  s->handle.slot, s->handle.generation, (int)e->start, shm_strerror(rc));
 		session_release_rented(broker, s);
 		if (r != NULL)
 			request_fail(broker, r,
@@ -684,12 +699,19 @@ void scheduler_step_lost(struct broker *broker, struct broker_worker *worker)
 				session_close(broker, s);
 			continue;
 		}
-		s->crash_count++;
+		/*
+		 * A crash in a batch only makes each of its sessions suspect:
+		 * they run alone next, and a session counts as poison only
+		 * after crashing workers while alone.
+		 */
+		if (step->n_entries == 1)
+			s->crash_count++;
+		s->solo = true;
 		if (s->crash_count >= POISON_CRASHES) {
 			broker->stats.poison_steps++;
-			log_error("step of session %.8s... at position %d killed "
+			log_error("step of session %u/%u at position %d killed "
 				  "%d workers; failing its request",
-				  s->handle_text, (int)step->entries[i].start,
+				  s->handle.slot, s->handle.generation, (int)step->entries[i].start,
 				  s->crash_count);
 			s->crash_count = 0;
 			session_release_rented(broker, s);
@@ -702,8 +724,8 @@ void scheduler_step_lost(struct broker *broker, struct broker_worker *worker)
 			continue;
 		}
 		broker->stats.step_retries++;
-		log_notice("retrying the step of session %.8s... at position %d",
-			   s->handle_text, (int)step->entries[i].start);
+		log_notice("retrying the step of session %u/%u at position %d",
+			   s->handle.slot, s->handle.generation, (int)step->entries[i].start);
 		make_runnable_first(broker, s);
 	}
 	step->n_entries = 0;

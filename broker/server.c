@@ -15,6 +15,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -44,21 +46,60 @@ static int make_parent_dirs(const char *path)
 }
 
 
-/* Removes a socket file left by a dead broker; fails if one still answers. */
-static int remove_stale_socket(const struct sockaddr_un *address)
+/*
+ * Takes the lock file PATH.lock beside the socket for the life of the
+ * process. Whoever holds it owns the socket path, so a socket file found
+ * there by the holder is stale and can be replaced. A connect test cannot
+ * tell this reliably: a broker killed with a pending io_uring accept keeps
+ * its listening socket open for a moment after it has been reaped.
+ */
+int broker_lock_socket(struct broker *broker)
 {
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	const char *path = broker->config.socket_path;
+	char lock_path[sizeof(broker->config.socket_path) + 8];
 	int rc;
 
-	if (fd < 0)
-		return -errno;
-	rc = connect(fd, (const struct sockaddr *)address, sizeof(*address));
-	close(fd);
-	if (rc == 0)
-		return -EADDRINUSE;
-	if (errno == ECONNREFUSED)
-		unlink(address->sun_path);
+	rc = make_parent_dirs(path);
+	if (rc < 0) {
+		log_error("cannot create the directory of socket %s: %s; pass "
+			  "--socket PATH in a writable directory", path,
+			  strerror(-rc));
+		return rc;
+	}
+	snprintf(lock_path, sizeof(lock_path), "%s.lock", path);
+	broker->socket_lock_fd = open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC,
+				      0600);
+	if (broker->socket_lock_fd < 0) {
+		rc = -errno;
+		log_error("cannot open lock file %s: %s", lock_path,
+			  strerror(errno));
+		return rc;
+	}
+	if (flock(broker->socket_lock_fd, LOCK_EX | LOCK_NB) < 0) {
+		rc = -errno;
+		log_error("another slabd serves socket %s (it holds %s); stop it "
+			  "or pass another --socket", path, lock_path);
+		close(broker->socket_lock_fd);
+		broker->socket_lock_fd = -1;
+		return rc;
+	}
 	return 0;
+}
+
+
+/* Removes the socket and its lock file; for a clean shutdown. */
+void broker_unlock_socket(struct broker *broker)
+{
+	char lock_path[sizeof(broker->config.socket_path) + 8];
+
+	if (broker->socket_lock_fd < 0)
+		return;
+	snprintf(lock_path, sizeof(lock_path), "%s.lock",
+		 broker->config.socket_path);
+	unlink(broker->config.socket_path);
+	unlink(lock_path);
+	close(broker->socket_lock_fd);
+	broker->socket_lock_fd = -1;
 }
 
 
@@ -74,19 +115,8 @@ int broker_listen(struct broker *broker)
 		return -ENAMETOOLONG;
 	}
 	memcpy(address.sun_path, path, strlen(path) + 1);
-	rc = make_parent_dirs(path);
-	if (rc < 0) {
-		log_error("cannot create the directory of socket %s: %s; pass "
-			  "--socket PATH in a writable directory", path,
-			  strerror(-rc));
-		return rc;
-	}
-	rc = remove_stale_socket(&address);
-	if (rc < 0) {
-		log_error("another server answers on socket %s; stop it or pass "
-			  "another --socket", path);
-		return rc;
-	}
+	/* The socket lock is ours, so a socket file here is stale. */
+	unlink(path);
 
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
 	if (fd < 0) {

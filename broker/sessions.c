@@ -79,8 +79,7 @@ int session_open(struct broker *broker,
 	broker->sessions[handle.slot].one_shot = one_shot;
 	broker->stats.sessions_opened++;
 	*out = &broker->sessions[handle.slot];
-	log_debug("session %.8s... opened in slot %u", (*out)->handle_text,
-		  handle.slot);
+	log_debug("session %u/%u opened", handle.slot, handle.generation);
 	return 0;
 }
 
@@ -147,7 +146,7 @@ void session_close(struct broker *broker, struct broker_session *s)
 			       SLABD__FINISH_REASON__FINISH_REASON_CANCELLED);
 	session_unqueue(broker, s);
 	shm_session_close(broker->arena, &s->handle);
-	log_debug("session %.8s... closed", s->handle_text);
+	log_debug("session %u/%u closed", s->handle.slot, s->handle.generation);
 	free(s->blocks);
 	free(s->shift_blocks);
 	memset(s, 0, sizeof(*s));
@@ -169,8 +168,8 @@ void session_attach_existing(struct broker *broker)
 			return;
 		}
 		recovered++;
-		log_info("session %.8s... recovered: %u positions committed",
-			 broker->sessions[slot].handle_text, info.committed);
+		log_info("session %u/%u recovered: %u positions committed",
+			 info.handle.slot, info.handle.generation, info.committed);
 	}
 	if (recovered > 0)
 		log_notice("%d sessions recovered from shared memory", recovered);
@@ -211,8 +210,8 @@ bool session_evict_lru(struct broker *broker, struct broker_session *keep)
 	}
 	if (victim == NULL)
 		return false;
-	log_notice("evicting idle session %.8s... (%u positions) to free KV "
-		   "blocks", victim->handle_text, victim->committed);
+	log_notice("evicting idle session %u/%u (%u positions) to free KV "
+		   "blocks", victim->handle.slot, victim->handle.generation, victim->committed);
 	session_close(broker, victim);
 	broker->stats.sessions_evicted++;
 	return true;
@@ -235,8 +234,8 @@ void session_expire_idle(struct broker *broker)
 		if (!s->in_use || s->request != NULL || s->in_step)
 			continue;
 		if (now_ns - session_last_use(broker, s) > limit_ns) {
-			log_info("session %.8s... idle for more than %d s; "
-				 "closing it", s->handle_text,
+			log_info("session %u/%u idle for more than %d s; "
+				 "closing it", s->handle.slot, s->handle.generation,
 				 broker->config.session_idle_timeout);
 			session_close(broker, s);
 		}
@@ -260,7 +259,7 @@ void session_make_runnable(struct broker *broker, struct broker_session *s)
 
 /* ---- Requests ----------------------------------------------------------- */
 
-/* Appends bytes to the text sent so far (kept for a non-streaming Done). */
+/* Appends bytes to the text that Done carries. */
 static void text_append(struct broker_request *r, const char *bytes, size_t n)
 {
 	if (n == 0)
@@ -289,8 +288,11 @@ static void send_token(struct broker_request *r, int32_t id, uint32_t position,
 	Slabd__Reply reply = SLABD__REPLY__INIT;
 	Slabd__Token token = SLABD__TOKEN__INIT;
 
-	text_append(r, piece, n);
-	if (!r->stream || r->connection == NULL)
+	if (!r->stream) {
+		text_append(r, piece, n);
+		return;
+	}
+	if (r->connection == NULL)
 		return;
 	token.id = id;
 	token.position = position;
@@ -342,21 +344,32 @@ static long find_stop(const struct broker_request *r, const char *text,
 
 
 /*
- * Adds a token's text to what is held back, sends what can no longer be
- * part of a stop string, and returns true when a stop string was found.
+ * Adds a token's text to what is held back and sends, as this token's
+ * piece, what can no longer be part of a stop string; with final set, all
+ * of it, including an incomplete UTF-8 character as U+FFFD. Returns true
+ * when a stop string was found (its text and what follows is not sent).
  */
-static bool emit_text(struct broker_request *r, int32_t id, uint32_t position,
-		      const char *piece, size_t n)
+static bool emit_text(struct broker *broker, struct broker_request *r,
+		      int32_t id, uint32_t position, const char *piece,
+		      size_t n, bool final)
 {
-	char *grown = realloc(r->held, r->n_held + n + 1);
+	char tail[8];
+	size_t n_tail = 0;
+	char *grown;
 	long stop;
 	size_t keep;
 
+	(void)broker;
+	if (final)
+		n_tail = engine_detokenize_flush(&r->detokenizer, tail,
+						 sizeof(tail));
+	grown = realloc(r->held, r->n_held + n + n_tail + 1);
 	if (grown == NULL)
 		return false;
 	r->held = grown;
 	memcpy(r->held + r->n_held, piece, n);
-	r->n_held += n;
+	memcpy(r->held + r->n_held + n, tail, n_tail);
+	r->n_held += n + n_tail;
 
 	stop = find_stop(r, r->held, r->n_held);
 	if (stop >= 0) {
@@ -364,7 +377,7 @@ static bool emit_text(struct broker_request *r, int32_t id, uint32_t position,
 		r->n_held = 0;
 		return true;
 	}
-	keep = stop_prefix_length(r, r->held, r->n_held);
+	keep = final ? 0 : stop_prefix_length(r, r->held, r->n_held);
 	send_token(r, id, position, r->held, r->n_held - keep);
 	memmove(r->held, r->held + r->n_held - keep, keep);
 	r->n_held = keep;
@@ -411,48 +424,45 @@ void request_accept_token(struct broker *broker, struct broker_request *r,
 			  int32_t token, uint32_t position)
 {
 	struct broker_session *s = r->session;
+	Slabd__FinishReason reason = SLABD__FINISH_REASON__FINISH_REASON_UNSPECIFIED;
 	char text[1200];
-	size_t n;
+	size_t n = 0;
 	int64_t limit = r->max_tokens;
 
 	r->generated++;
 	observe_timing(broker, r);
 	broker->stats.tokens_decoded++;
 
-	if (limit == 0 && s->policy == SHM_CONTEXT_SHIFT)
-		limit = s->context_limit;
+	/* Decide first whether this token ends the request, so that its
+	 * piece can carry every byte still held back. */
+	if (engine_is_end_token(token))
+		reason = SLABD__FINISH_REASON__FINISH_REASON_EOS;
+	else if (r->cancelled)
+		reason = SLABD__FINISH_REASON__FINISH_REASON_CANCELLED;
+	else if (limit > 0 && r->generated >= (uint64_t)limit)
+		reason = SLABD__FINISH_REASON__FINISH_REASON_LENGTH;
+	else if (position >= s->context_limit && s->policy == SHM_CONTEXT_ERROR)
+		reason = SLABD__FINISH_REASON__FINISH_REASON_CONTEXT_FULL;
 
-	if (engine_is_end_token(token)) {
-		begin_finish(broker, r, SLABD__FINISH_REASON__FINISH_REASON_EOS,
-			     token, position);
-		return;
+	if (!engine_is_end_token(token))
+		n = engine_detokenize(broker->tokenizer, &r->detokenizer, token,
+				      text, sizeof(text));
+	if (emit_text(broker, r, token, position, text, n,
+		      reason != SLABD__FINISH_REASON__FINISH_REASON_UNSPECIFIED))
+		reason = SLABD__FINISH_REASON__FINISH_REASON_STOP;
+
+	switch (reason) {
+	case SLABD__FINISH_REASON__FINISH_REASON_UNSPECIFIED:
+		s->pending_token = token;
+		session_make_runnable(broker, s);
+		break;
+	case SLABD__FINISH_REASON__FINISH_REASON_CONTEXT_FULL:
+		request_finish(broker, r, reason);
+		break;
+	default:
+		begin_finish(broker, r, reason, token, position);
+		break;
 	}
-	n = engine_detokenize(broker->tokenizer, &r->detokenizer, token, text,
-			      sizeof(text));
-	if (emit_text(r, token, position, text, n)) {
-		begin_finish(broker, r, SLABD__FINISH_REASON__FINISH_REASON_STOP,
-			     token, position);
-		return;
-	}
-	if (r->cancelled) {
-		begin_finish(broker, r,
-			     SLABD__FINISH_REASON__FINISH_REASON_CANCELLED,
-			     token, position);
-		return;
-	}
-	if (limit > 0 && r->generated >= (uint64_t)limit) {
-		begin_finish(broker, r,
-			     SLABD__FINISH_REASON__FINISH_REASON_LENGTH, token,
-			     position);
-		return;
-	}
-	if (position >= s->context_limit && s->policy == SHM_CONTEXT_ERROR) {
-		request_finish(broker, r,
-			       SLABD__FINISH_REASON__FINISH_REASON_CONTEXT_FULL);
-		return;
-	}
-	s->pending_token = token;
-	session_make_runnable(broker, s);
 }
 
 
@@ -492,12 +502,17 @@ void request_finish(struct broker *broker, struct broker_request *r,
 	char tail[8];
 	size_t n;
 
-	/* What was held back for a stop string was not one after all. */
-	if (reason != SLABD__FINISH_REASON__FINISH_REASON_STOP && r->n_held > 0)
-		send_token(r, -1, s->committed, r->held, r->n_held);
-	n = engine_detokenize_flush(&r->detokenizer, tail, sizeof(tail));
-	if (n > 0 && reason != SLABD__FINISH_REASON__FINISH_REASON_STOP)
-		send_token(r, -1, s->committed, tail, n);
+	/*
+	 * A request that ends between tokens (cancel, error, drain) may still
+	 * hold the start of a stop string or of a UTF-8 character: it goes
+	 * into Done.text, which for a streamed request holds only such bytes.
+	 */
+	if (reason != SLABD__FINISH_REASON__FINISH_REASON_STOP) {
+		text_append(r, r->held, r->n_held);
+		n = engine_detokenize_flush(&r->detokenizer, tail, sizeof(tail));
+		text_append(r, tail, n);
+	}
+	r->n_held = 0;
 
 	if (r->is_prefill) {
 		if (reason == SLABD__FINISH_REASON__FINISH_REASON_ERROR ||
@@ -536,10 +551,8 @@ void request_finish(struct broker *broker, struct broker_request *r,
 		done.decode_tokens_per_second =
 			(double)(r->generated - 1) /
 			((double)(r->last_token_ns - r->first_token_ns) / 1e9);
-	if (!r->stream) {
-		done.text.data = (uint8_t *)r->text;
-		done.text.len = r->n_text;
-	}
+	done.text.data = (uint8_t *)r->text;
+	done.text.len = r->n_text;
 	if (reason == SLABD__FINISH_REASON__FINISH_REASON_ERROR) {
 		error.code = r->error_code;
 		error.message = r->error;
@@ -551,9 +564,9 @@ void request_finish(struct broker *broker, struct broker_request *r,
 		reply.done = &done;
 		connection_send_reply(r->connection, &reply);
 	}
-	log_debug("request %llu on session %.8s... done: %s, %u prompt and %u "
+	log_debug("request %llu on session %u/%u done: %s, %u prompt and %u "
 		  "generated tokens", (unsigned long long)r->request_id,
-		  s->handle_text, proto_finish_reason_name(reason),
+		  s->handle.slot, s->handle.generation, proto_finish_reason_name(reason),
 		  r->prompt_fed, r->generated);
 	request_release(broker, r);
 }

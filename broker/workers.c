@@ -11,6 +11,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -285,6 +286,16 @@ static void worker_failed(struct broker_worker *worker, const char *reason)
 		shutdown(worker->fd, SHUT_RDWR);
 	worker_cleanup(worker);
 	scheduler_run(broker);
+}
+
+
+bool worker_alive(const struct broker_worker *worker)
+{
+	struct pollfd exit = { .fd = worker->pidfd, .events = POLLIN };
+
+	if (worker->pidfd < 0)
+		return true;
+	return poll(&exit, 1, 0) == 0;
 }
 
 

@@ -93,13 +93,15 @@ static void generate_set_sampling(Slabd__GenerateRequest *generate,
 }
 
 
-/* Copies Done into result, the text only when it was not streamed. Returns
- * 0, -ENOMEM, or the broker error of a generation that finished with reason
- * ERROR. */
+/* Copies Done into result, including its text: the whole text when not
+ * streamed, else the few bytes no Token carried. Returns 0, -ENOMEM, or the
+ * broker error of a generation that finished with reason ERROR. */
 static int generate_take_done(struct slab_client *client,
-			      const Slabd__Done *done, bool stream,
+			      const Slabd__Done *done,
 			      struct slab_generate_result *result)
 {
+	char *text;
+
 	result->finish_reason = SLAB_FINISH_UNSPECIFIED;
 	if (done->finish_reason >= SLABD__FINISH_REASON__FINISH_REASON_LENGTH &&
 	    done->finish_reason <= SLABD__FINISH_REASON__FINISH_REASON_ERROR)
@@ -111,19 +113,16 @@ static int generate_take_done(struct slab_client *client,
 	result->decode_tokens_per_second = done->decode_tokens_per_second;
 	result->committed_length = done->committed_length;
 
-	if (!stream) {
-		char *text = malloc(done->text.len + 1);
-
-		if (text == NULL)
-			return slab_client_fail(client, -ENOMEM,
-					   "out of memory for %zu bytes of "
-					   "generated text", done->text.len);
-		if (done->text.len > 0)
-			memcpy(text, done->text.data, done->text.len);
-		text[done->text.len] = '\0';
-		result->text = text;
-		result->text_len = done->text.len;
-	}
+	text = malloc(done->text.len + 1);
+	if (text == NULL)
+		return slab_client_fail(client, -ENOMEM,
+				   "out of memory for %zu bytes of "
+				   "generated text", done->text.len);
+	if (done->text.len > 0)
+		memcpy(text, done->text.data, done->text.len);
+	text[done->text.len] = '\0';
+	result->text = text;
+	result->text_len = done->text.len;
 
 	if (result->finish_reason == SLAB_FINISH_ERROR)
 		return slab_client_server_error(client, done->error);
@@ -157,8 +156,7 @@ static int generate_handle_reply(struct slab_client *client,
 				    (unsigned long long)request_id);
 
 	if (reply->kind_case == SLABD__REPLY__KIND_DONE) {
-		*status = generate_take_done(client, reply->done, stream,
-					     result);
+		*status = generate_take_done(client, reply->done, result);
 		return 1;
 	}
 	if (reply->kind_case != SLABD__REPLY__KIND_TOKEN || !stream)

@@ -158,7 +158,8 @@ struct slab_generate_result {
 	uint64_t time_to_first_token_us; /* microseconds; 0 if none */
 	double decode_tokens_per_second; /* 0 with fewer than two tokens */
 	uint32_t committed_length;       /* session length afterwards, tokens */
-	char *text;      /* whole text, NUL-terminated; NULL when streamed */
+	char *text;      /* NUL-terminated: the whole text, or when streamed only
+			    the bytes no token carried (usually empty) */
 	size_t text_len; /* bytes, NUL excluded */
 };
 

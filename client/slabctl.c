@@ -481,6 +481,8 @@ static int command_generate(int argc, char **argv)
 		fflush(stdout);
 	}
 	rc = slab_generate(client, &args.options, print_token, NULL, &result);
+	if (result.text != NULL)
+		fwrite(result.text, 1, result.text_len, stdout);
 	fputc('\n', stdout);
 	fflush(stdout);
 	sigaction(SIGINT, &previous, NULL);

@@ -64,6 +64,7 @@ struct service {
 	int status;                /* wait status of the last broker reaped */
 	pid_t workers_seen[SERVICE_MAX_WORKERS];
 	size_t n_workers_seen;
+	int ready_lines;           /* "ready:" lines in the log before a start */
 };
 
 static struct service *service_registry[SERVICE_MAX_REGISTERED];
@@ -150,6 +151,21 @@ static inline bool service_log_contains(const struct service *s,
 	static char log[1 << 16];
 
 	return strstr(service_log_tail(s, log, sizeof(log)), text) != NULL;
+}
+
+
+/* Counts the lines of the log where a broker announced it listens. */
+static inline int service_ready_lines(const struct service *s)
+{
+	static char log[1 << 16];
+	const char *at = service_log_tail(s, log, sizeof(log));
+	int count = 0;
+
+	while ((at = strstr(at, "ready: listening")) != NULL) {
+		count++;
+		at++;
+	}
+	return count;
 }
 
 
@@ -362,6 +378,7 @@ static inline void service_spawn_model(struct service *s, const char *model,
 		argv[n++] = *extra++;
 	argv[n] = NULL;
 
+	s->ready_lines = service_ready_lines(s);
 	log_fd = open(s->log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC,
 		      0600);
 	cr_assert_geq(log_fd, 0, "open %s: %s", s->log_path, strerror(errno));
@@ -419,10 +436,17 @@ static inline void service_wait_ready(struct service *s)
 	uint64_t deadline = service_now_ns() +
 			    SERVICE_START_TIMEOUT_MS * 1000000ull;
 
+	/*
+	 * Wait for this broker's own "ready" line first: a broker killed just
+	 * before may leave its listening socket open for a moment (io_uring
+	 * releases it after the process is reaped), and a connect to it would
+	 * succeed.
+	 */
 	for (;;) {
 		struct slab_client *client = NULL;
 
-		if (slab_connect(s->socket_path, &client) == 0) {
+		if (service_ready_lines(s) > s->ready_lines &&
+		    slab_connect(s->socket_path, &client) == 0) {
 			slab_close(client);
 			break;
 		}

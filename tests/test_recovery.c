@@ -498,7 +498,13 @@ Test(recovery, broker_restart_keeps_sessions, .timeout = TEST_TIMEOUT_S,
 
 	/* The same configuration reattaches and serves the old handle. */
 	service_start(&service, NULL);
-	cr_assert(service_log_contains(&service, "reattached"));
+	{
+		static char log[1 << 16];
+
+		cr_assert(service_log_contains(&service, "reattached"),
+			  "the restarted broker did not log a reattach:\n%s",
+			  service_log_tail(&service, log, sizeof(log)));
+	}
 	client = service_connect(&service);
 	cr_assert(service_find_session(client, handle, &info),
 		  "session %s not listed after the restart", handle);
