@@ -68,6 +68,12 @@ struct broker_config {
 	int n_faults;
 	bool force_epoll;
 	int log_level;
+	unsigned socket_mode;        /* permission bits of the socket */
+	uid_t allow_uids[16];        /* peers allowed by uid, with allow_gids */
+	int n_allow_uids;
+	gid_t allow_gids[16];
+	int n_allow_gids;
+	int frame_timeout;           /* seconds a partial frame may stall */
 };
 
 struct broker;
@@ -201,6 +207,7 @@ struct broker_connection {
 	bool sending;
 	bool closing;
 	int n_requests;           /* Generate and Prefill in progress */
+	uint64_t partial_since_ns; /* when an incomplete frame started, or 0 */
 	struct broker_connection *next, *prev;
 };
 
@@ -218,6 +225,10 @@ struct broker_stats {
 	uint64_t connections;
 	uint64_t rejected_connections;
 	uint64_t bad_frames;
+	uint64_t rejected_peers;
+	uint64_t stalled_connections;
+	uint64_t last_reject_log_ns;  /* rate limit of rejected-peer logs */
+	uint64_t rejects_not_logged;
 	uint64_t ttft_buckets[12];    /* time to first token histogram */
 	uint64_t ttft_count;
 	double ttft_sum;
@@ -282,6 +293,7 @@ void connection_send_error(struct broker_connection *connection,
 			   const char *format, ...)
 	__attribute__((format(printf, 4, 5)));
 void connection_close(struct broker_connection *connection);
+void connections_check_stalled(struct broker *broker);
 
 /* requests.c: request handlers. */
 void broker_handle_request(struct broker_connection *connection,

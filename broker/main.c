@@ -82,6 +82,7 @@ static void on_tick(struct loop_op *op, int result)
 		return;
 	session_expire_idle(broker);
 	workers_check_deadlines(broker);
+	connections_check_stalled(broker);
 
 	if (broker->ready) {
 		sd_notify(0, "WATCHDOG=1");

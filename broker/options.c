@@ -47,6 +47,14 @@ static void usage(FILE *out)
 "                               (default 600)\n"
 "  --max-frame BYTES            largest client message, with suffix K or M\n"
 "                               (default 1M)\n"
+"  --frame-timeout SECONDS      disconnect a client that sent part of a frame\n"
+"                               and nothing more for this long (default 30)\n"
+"  --socket-mode MODE           octal permission bits of the socket (default 0660);\n"
+"                               its directory is created with mode 0750\n"
+"  --allow-uid UID              accept only peers with this uid (repeatable, up\n"
+"                               to 16; with --allow-gid, either may match);\n"
+"                               default: any peer the socket mode lets in\n"
+"  --allow-gid GID              accept only peers with this gid (repeatable)\n"
 "  --max-connections N          client connections at once (default 256)\n"
 "  --max-requests N             Generate and Prefill requests in progress per\n"
 "                               connection (default 64)\n"
@@ -161,6 +169,7 @@ int broker_parse_options(int argc, char **argv, struct broker_config *config)
 		OPT_IDLE, OPT_MAX_FRAME, OPT_MAX_CONNECTIONS,
 		OPT_MAX_REQUESTS, OPT_STEP_FLOOR, OPT_STEP_FACTOR, OPT_DRAIN,
 		OPT_FAULT, OPT_EVENT_LOOP, OPT_LOG_LEVEL, OPT_REMOVE, OPT_HELP,
+		OPT_SOCKET_MODE, OPT_ALLOW_UID, OPT_ALLOW_GID, OPT_FRAME_TIMEOUT,
 	};
 	static const struct option options[] = {
 		{ "model", required_argument, NULL, OPT_MODEL },
@@ -189,6 +198,10 @@ int broker_parse_options(int argc, char **argv, struct broker_config *config)
 		{ "log-level", required_argument, NULL, OPT_LOG_LEVEL },
 		{ "remove-segments", no_argument, NULL, OPT_REMOVE },
 		{ "help", no_argument, NULL, OPT_HELP },
+		{ "socket-mode", required_argument, NULL, OPT_SOCKET_MODE },
+		{ "allow-uid", required_argument, NULL, OPT_ALLOW_UID },
+		{ "allow-gid", required_argument, NULL, OPT_ALLOW_GID },
+		{ "frame-timeout", required_argument, NULL, OPT_FRAME_TIMEOUT },
 		{ NULL, 0, NULL, 0 },
 	};
 	long cpus = sysconf(_SC_NPROCESSORS_ONLN);
@@ -216,6 +229,8 @@ int broker_parse_options(int argc, char **argv, struct broker_config *config)
 		.drain_seconds = 10,
 		.log_level = LOG_LEVEL_INFO,
 		.worker_path = worker_path(),
+		.socket_mode = 0660,
+		.frame_timeout = 30,
 	};
 
 	opterr = 0;
@@ -334,6 +349,32 @@ int broker_parse_options(int argc, char **argv, struct broker_config *config)
 					"error, warning, notice, info or debug");
 			break;
 		case OPT_REMOVE: remove = true; break;
+		case OPT_SOCKET_MODE: {
+			char *end;
+			unsigned long mode = strtoul(optarg, &end, 8);
+
+			if (end == optarg || *end != '\0' || mode > 0777)
+				invalid("--socket-mode", optarg,
+					"octal permission bits such as 0660");
+			config->socket_mode = (unsigned)mode;
+			break;
+		}
+		case OPT_ALLOW_UID:
+			if (config->n_allow_uids == 16)
+				invalid("--allow-uid", optarg, "at most 16 uids");
+			config->allow_uids[config->n_allow_uids++] =
+				(uid_t)parse_int("--allow-uid", optarg, 0, INT32_MAX);
+			break;
+		case OPT_ALLOW_GID:
+			if (config->n_allow_gids == 16)
+				invalid("--allow-gid", optarg, "at most 16 gids");
+			config->allow_gids[config->n_allow_gids++] =
+				(gid_t)parse_int("--allow-gid", optarg, 0, INT32_MAX);
+			break;
+		case OPT_FRAME_TIMEOUT:
+			config->frame_timeout =
+				parse_int("--frame-timeout", optarg, 1, 3600);
+			break;
 		case OPT_HELP:
 			usage(stdout);
 			return -1;

@@ -124,7 +124,7 @@ int broker_listen(struct broker *broker)
 		return -errno;
 	}
 	if (bind(fd, (struct sockaddr *)&address, sizeof(address)) < 0 ||
-	    chmod(path, 0660) < 0 || listen(fd, 128) < 0) {
+	    chmod(path, broker->config.socket_mode) < 0 || listen(fd, 128) < 0) {
 		rc = -errno;
 		log_error("cannot listen on socket %s: %s", path, strerror(errno));
 		close(fd);
@@ -159,12 +159,15 @@ void broker_stop_listening(struct broker *broker)
 /* Sends an error frame straight away on a connection that is not served. */
 static void reject_connection(struct broker *broker, int fd, const char *why)
 {
+	bool denied = strncmp(why, "permission denied", 17) == 0;
+
 	Slabd__Reply reply = SLABD__REPLY__INIT;
 	Slabd__Error error = SLABD__ERROR__INIT;
 	uint8_t *frame;
 	size_t len;
 
-	error.code = SLABD__ERROR_CODE__ERROR_CODE_RESOURCE_EXHAUSTED;
+	error.code = denied ? SLABD__ERROR_CODE__ERROR_CODE_PERMISSION_DENIED
+			    : SLABD__ERROR_CODE__ERROR_CODE_RESOURCE_EXHAUSTED;
 	error.message = (char *)why;
 	reply.kind_case = SLABD__REPLY__KIND_ERROR;
 	reply.error = &error;
@@ -174,6 +177,49 @@ static void reject_connection(struct broker *broker, int fd, const char *why)
 		free(frame);
 	}
 	close(fd);
+}
+
+
+/*
+ * Whether a peer may connect: always when no --allow-uid or --allow-gid is
+ * given (the socket's mode then decides), else when its uid or gid is
+ * listed. Root is not special.
+ */
+static bool peer_allowed(const struct broker_config *config,
+			 const struct ucred *peer)
+{
+	if (config->n_allow_uids == 0 && config->n_allow_gids == 0)
+		return true;
+	for (int i = 0; i < config->n_allow_uids; i++)
+		if (config->allow_uids[i] == peer->uid)
+			return true;
+	for (int i = 0; i < config->n_allow_gids; i++)
+		if (config->allow_gids[i] == peer->gid)
+			return true;
+	return false;
+}
+
+
+/* Rejects a peer that is not allowed; logs at most one line a second. */
+static void reject_peer(struct broker *broker, int fd, const struct ucred *peer)
+{
+	struct broker_stats *stats = &broker->stats;
+	uint64_t now = engine_now_ns();
+
+	stats->rejected_peers++;
+	if (now - stats->last_reject_log_ns >= 1000000000ull) {
+		log_warning("connection from uid %d gid %d pid %d rejected: not "
+			    "in --allow-uid or --allow-gid%s",
+			    (int)peer->uid, (int)peer->gid, (int)peer->pid,
+			    stats->rejects_not_logged > 0 ? " (more rejections "
+							    "not logged)" : "");
+		stats->last_reject_log_ns = now;
+		stats->rejects_not_logged = 0;
+	} else {
+		stats->rejects_not_logged++;
+	}
+	reject_connection(broker, fd, "permission denied: this user may not "
+			  "use the service");
 }
 
 
@@ -202,6 +248,10 @@ static void on_accept(struct loop_op *op, int result)
 	loop_accept(broker->loop, &broker->accept_op, broker->listen_fd);
 
 	getsockopt(result, SOL_SOCKET, SO_PEERCRED, &peer, &peer_len);
+	if (!peer_allowed(&broker->config, &peer)) {
+		reject_peer(broker, result, &peer);
+		return;
+	}
 	if (broker->n_connections >= broker->config.max_connections) {
 		broker->stats.rejected_connections++;
 		log_warning("connection from pid %d rejected: %d connections "
@@ -456,7 +506,35 @@ static void on_recv(struct loop_op *op, int result)
 		broker_handle_request(c, request);
 		slabd__request__free_unpacked(request, NULL);
 	}
-	if (!c->closing)
-		loop_recv(broker->loop, &c->recv_op, c->fd, c->recv_buffer,
-			  sizeof(c->recv_buffer));
+	if (c->closing)
+		return;
+	if (frame_reader_buffered(&c->reader) == 0)
+		c->partial_since_ns = 0;
+	else if (c->partial_since_ns == 0)
+		c->partial_since_ns = engine_now_ns();
+	loop_recv(broker->loop, &c->recv_op, c->fd, c->recv_buffer,
+		  sizeof(c->recv_buffer));
+}
+
+
+void connections_check_stalled(struct broker *broker)
+{
+	uint64_t limit = (uint64_t)broker->config.frame_timeout * 1000000000ull;
+	uint64_t now = engine_now_ns();
+	struct broker_connection *c = broker->connections;
+
+	while (c != NULL) {
+		struct broker_connection *next = c->next;
+
+		if (!c->closing && c->partial_since_ns != 0 &&
+		    now - c->partial_since_ns > limit) {
+			broker->stats.stalled_connections++;
+			log_info("connection %llu (pid %d) sent part of a frame and "
+				 "nothing more for %d s; disconnecting it",
+				 (unsigned long long)c->id, (int)c->peer_pid,
+				 broker->config.frame_timeout);
+			connection_close(c);
+		}
+		c = next;
+	}
 }

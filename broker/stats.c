@@ -98,6 +98,10 @@ static int collect(struct broker *broker, struct metric_value *values)
 		"connection limit.", s->rejected_connections);
 	COUNTER("slabd_bad_frames_total", "Frames that were oversized or did not "
 		"unpack.", s->bad_frames);
+	COUNTER("slabd_peers_rejected_total", "Connections rejected by "
+		"--allow-uid and --allow-gid.", s->rejected_peers);
+	COUNTER("slabd_stalled_connections_total", "Connections closed after a "
+		"partial frame stalled.", s->stalled_connections);
 #undef GAUGE
 #undef COUNTER
 	return n;

@@ -173,6 +173,8 @@ int slab_errno_from_code(enum slab_error_code code)
 		return -ECANCELED;
 	case SLAB_ERROR_UNIMPLEMENTED:
 		return -EOPNOTSUPP;
+	case SLAB_ERROR_PERMISSION_DENIED:
+		return -EACCES;
 	default:
 		return -EREMOTEIO;
 	}
@@ -253,7 +255,7 @@ int slab_client_server_error(struct slab_client *client, const Slabd__Error *err
 
 	if (error != NULL) {
 		if (error->code > SLABD__ERROR_CODE__ERROR_CODE_UNSPECIFIED &&
-		    error->code <= SLABD__ERROR_CODE__ERROR_CODE_UNIMPLEMENTED)
+		    error->code <= SLABD__ERROR_CODE__ERROR_CODE_PERMISSION_DENIED)
 			code = (enum slab_error_code)error->code;
 		if (error->message != NULL)
 			text = error->message;

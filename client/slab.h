@@ -44,6 +44,7 @@ enum slab_error_code {
 	SLAB_ERROR_FAILED_PRECONDITION = 7,
 	SLAB_ERROR_CANCELLED = 8,
 	SLAB_ERROR_UNIMPLEMENTED = 9,
+	SLAB_ERROR_PERMISSION_DENIED = 10,
 };
 
 enum slab_context_policy {

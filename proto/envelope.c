@@ -163,6 +163,8 @@ const char *proto_error_code_name(Slabd__ErrorCode code)
 		return "CANCELLED";
 	case SLABD__ERROR_CODE__ERROR_CODE_UNIMPLEMENTED:
 		return "UNIMPLEMENTED";
+	case SLABD__ERROR_CODE__ERROR_CODE_PERMISSION_DENIED:
+		return "PERMISSION_DENIED";
 	default:
 		return "UNKNOWN";
 	}
