@@ -25,6 +25,9 @@
 /* Rows per cache block of a prefill, as in kernels.c. */
 #define ROW_BLOCK_BYTES (192 * 1024)
 
+/* Distance ahead of the current block at which each row is prefetched. */
+#define PREFETCH_BYTES 512
+
 enum quant_isa {
 	QUANT_SCALAR,
 	QUANT_AVX2,
@@ -422,6 +425,10 @@ pair_step_avx512(__m512 acc[4][4], const int8_t *xq, const float *xd,
 	for (int r = 0; r < R; r++) {
 		const char *wr = w + (size_t)r * row_bytes;
 		float dw0, dw1 = 0.0f;
+
+		_mm_prefetch(wr + (size_t)b * (row_bytes / nb) + PREFETCH_BYTES,
+			     _MM_HINT_T0);
+
 		__m256i q0 = load_block_biased(wr, type, b, &dw0);
 		__m256i q1 = pair ? load_block_biased(wr, type, b + 1, &dw1)
 				  : _mm256_setzero_si256();
