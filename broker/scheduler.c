@@ -62,6 +62,27 @@ static void reset_runnable_tail(struct broker *broker)
 }
 
 
+/*
+ * Rents one KV block for session s, evicting idle sessions while the pool
+ * is empty. Returns 0, or -ENOSPC when nothing more can be evicted.
+ */
+static int rent_block(struct broker *broker, struct broker_session *s,
+		      int32_t *block)
+{
+	for (;;) {
+		uint32_t index;
+		int rc = shm_pool_rent(broker->arena, &broker->kv_shape,
+				       &s->handle, &index);
+
+		if (rc == -ENOSPC && session_evict_lru(broker, s))
+			continue;
+		if (rc == 0)
+			*block = (int32_t)index;
+		return rc;
+	}
+}
+
+
 /* Rents blocks until the session's table covers `length` positions. */
 static int ensure_blocks(struct broker *broker, struct broker_session *s,
 			 uint32_t length)
@@ -70,15 +91,11 @@ static int ensure_blocks(struct broker *broker, struct broker_session *s,
 	uint32_t need = (length + bt - 1) / bt;
 
 	while (s->n_blocks < need) {
-		uint32_t block;
-		int rc = shm_pool_rent(broker->arena, &broker->kv_shape,
-				       &s->handle, &block);
+		int rc = rent_block(broker, s, &s->blocks[s->n_blocks]);
 
-		if (rc == -ENOSPC && session_evict_lru(broker, s))
-			continue;
 		if (rc < 0)
 			return rc;
-		s->blocks[s->n_blocks++] = (int32_t)block;
+		s->n_blocks++;
 		s->n_rented++;
 	}
 	return 0;
@@ -128,15 +145,12 @@ static int prepare_shift(struct broker *broker, struct broker_session *s)
 		s->n_shift_blocks = reuse;
 	}
 	while (s->n_shift_blocks < need) {
-		uint32_t block;
-		int rc = shm_pool_rent(broker->arena, &broker->kv_shape,
-				       &s->handle, &block);
+		int rc = rent_block(broker, s,
+				    &s->shift_blocks[s->n_shift_blocks]);
 
-		if (rc == -ENOSPC && session_evict_lru(broker, s))
-			continue;
 		if (rc < 0)
 			return rc;
-		s->shift_blocks[s->n_shift_blocks++] = (int32_t)block;
+		s->n_shift_blocks++;
 	}
 	s->shift_discard = discard;
 	return 0;
