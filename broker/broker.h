@@ -63,6 +63,7 @@ struct broker_config {
 	int step_timeout_floor_ms;   /* minimum step deadline */
 	double step_timeout_factor;  /* deadline ms per token of the step */
 	int drain_seconds;
+	int crash_loop_restarts;     /* restarts a minute before degraded */
 	bool fault_injection;        /* workers act out requested faults */
 	struct broker_fault faults[BROKER_MAX_FAULTS];
 	int n_faults;

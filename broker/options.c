@@ -61,6 +61,9 @@ static void usage(FILE *out)
 "  --step-timeout-floor MS      least time a worker gets for a step (default 5000)\n"
 "  --step-timeout-factor MS     further time per token of the step (default 50)\n"
 "  --drain-seconds N            time SIGTERM gives running steps (default 10)\n"
+"  --crash-loop-restarts N      worker restarts within 60 s above which health\n"
+"                               reports degraded (default 10); restarts back off\n"
+"                               exponentially from 100 ms to 10 s either way\n"
 "  --inject-fault KIND:step:N   make the worker running step N crash, hang or\n"
 "                               send a malformed reply (KIND crash, hang or\n"
 "                               malformed); for recovery tests\n"
@@ -170,6 +173,7 @@ int broker_parse_options(int argc, char **argv, struct broker_config *config)
 		OPT_MAX_REQUESTS, OPT_STEP_FLOOR, OPT_STEP_FACTOR, OPT_DRAIN,
 		OPT_FAULT, OPT_EVENT_LOOP, OPT_LOG_LEVEL, OPT_REMOVE, OPT_HELP,
 		OPT_SOCKET_MODE, OPT_ALLOW_UID, OPT_ALLOW_GID, OPT_FRAME_TIMEOUT,
+		OPT_CRASH_LOOP,
 	};
 	static const struct option options[] = {
 		{ "model", required_argument, NULL, OPT_MODEL },
@@ -202,6 +206,7 @@ int broker_parse_options(int argc, char **argv, struct broker_config *config)
 		{ "allow-uid", required_argument, NULL, OPT_ALLOW_UID },
 		{ "allow-gid", required_argument, NULL, OPT_ALLOW_GID },
 		{ "frame-timeout", required_argument, NULL, OPT_FRAME_TIMEOUT },
+		{ "crash-loop-restarts", required_argument, NULL, OPT_CRASH_LOOP },
 		{ NULL, 0, NULL, 0 },
 	};
 	long cpus = sysconf(_SC_NPROCESSORS_ONLN);
@@ -231,6 +236,7 @@ int broker_parse_options(int argc, char **argv, struct broker_config *config)
 		.worker_path = worker_path(),
 		.socket_mode = 0660,
 		.frame_timeout = 30,
+		.crash_loop_restarts = 10,
 	};
 
 	opterr = 0;
@@ -370,6 +376,10 @@ int broker_parse_options(int argc, char **argv, struct broker_config *config)
 				invalid("--allow-gid", optarg, "at most 16 gids");
 			config->allow_gids[config->n_allow_gids++] =
 				(gid_t)parse_int("--allow-gid", optarg, 0, INT32_MAX);
+			break;
+		case OPT_CRASH_LOOP:
+			config->crash_loop_restarts = parse_int(
+				"--crash-loop-restarts", optarg, 1, 100000);
 			break;
 		case OPT_FRAME_TIMEOUT:
 			config->frame_timeout =

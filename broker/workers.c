@@ -22,9 +22,8 @@
 #include <unistd.h>
 
 #define RECV_BUFFER_BYTES 65536
-/* Restarts within this window that make the broker report a crash loop. */
+/* Window over which --crash-loop-restarts counts worker restarts. */
 #define CRASH_LOOP_WINDOW_NS (60ull * 1000000000ull)
-#define CRASH_LOOP_RESTARTS 10
 #define MAX_BACKOFF_MS 10000
 
 static void on_worker_recv(struct loop_op *op, int result);
@@ -210,7 +209,8 @@ static void worker_cleanup(struct broker_worker *worker)
 		broker->restarts_in_window = 0;
 	}
 	broker->restarts_in_window++;
-	if (broker->restarts_in_window > CRASH_LOOP_RESTARTS && !broker->degraded) {
+	if (broker->restarts_in_window > broker->config.crash_loop_restarts &&
+	    !broker->degraded) {
 		broker->degraded = true;
 		log_error("%d worker restarts within %llu s: crash loop, "
 			  "reporting degraded", broker->restarts_in_window,
@@ -361,7 +361,7 @@ static void handle_ready(struct broker_worker *worker,
 		}
 	}
 	if (broker->live_workers == broker->config.workers && broker->degraded &&
-	    broker->restarts_in_window <= CRASH_LOOP_RESTARTS) {
+	    broker->restarts_in_window <= broker->config.crash_loop_restarts) {
 		broker->degraded = false;
 		log_notice("all %d workers live again", broker->live_workers);
 	}
