@@ -814,7 +814,7 @@ Test(quant_dot, activation_quantization_rule, .timeout = TEST_TIMEOUT)
 		     (double)(4.0f / 127.0f));
 	cr_assert_eq(q[0], -127);
 	for (int i = 0; i < QK; i++)
-		cr_assert_eq(q[i], (int8_t)roundf(x[i] * (1.0f / d)),
+		cr_assert_eq(q[i], (int8_t)nearbyintf(x[i] * (1.0f / d)),
 			     "code %d is %d", i, q[i]);
 
 	memset(x, 0, sizeof(x));
@@ -822,6 +822,20 @@ Test(quant_dot, activation_quantization_rule, .timeout = TEST_TIMEOUT)
 	cr_assert_eq(d, 0.0f);
 	for (int i = 0; i < QK; i++)
 		cr_assert_eq(q[i], 0);
+
+	/* With max |x| = 127 the scale is 1: ties go to even, NaN to -127. */
+	x[0] = 127.0f;
+	x[1] = 2.5f;
+	x[2] = -3.5f;
+	x[3] = 0.5f;
+	x[4] = NAN;
+	kernel_quantize_row(q, &d, x, QK);
+	cr_assert_eq(d, 1.0f, "scale is %a, expected 1", (double)d);
+	cr_assert_eq(q[0], 127);
+	cr_assert_eq(q[1], 2, "2.5 became %d, expected 2", q[1]);
+	cr_assert_eq(q[2], -4, "-3.5 became %d, expected -4", q[2]);
+	cr_assert_eq(q[3], 0, "0.5 became %d, expected 0", q[3]);
+	cr_assert_eq(q[4], -127, "NaN became %d, expected -127", q[4]);
 }
 
 
@@ -1694,11 +1708,29 @@ static int write_quant_dump(FILE *out)
 	if (engine_quantize_q8_0(w8, w, ROWS * N) < 0 ||
 	    engine_quantize_q4_0(w4, w, ROWS * N) < 0)
 		return -1;
-	for (int t = 0; t < TOKENS; t++)
-		kernel_quantize_row(xq + t * N, xd + t * (N / QK), x + t * N, N);
 	strncpy(isa, kernel_quant_isa(), sizeof(isa) - 1);
 	if (fwrite(isa, 1, sizeof(isa), out) != sizeof(isa))
 		return -1;
+
+	/* Activation quantization, with special values in the first rows:
+	 * infinities, NaN, ties, tiny and huge magnitudes. */
+	static const float special[] = { INFINITY, -INFINITY, NAN, 0.5f, 2.5f,
+					 -3.5f, 1e-40f, -1e-41f, 3e38f,
+					 -0.0f, 127.0f, 1e-38f };
+
+	for (size_t i = 0; i < sizeof(special) / sizeof(float); i++)
+		x[i * 11 % (2 * N)] = special[i];
+	for (int i = 2 * N; i < 2 * N + QK; i++)
+		x[i] = 1e-39f * (float)(i % 7);
+	for (int t = 0; t < TOKENS; t++)
+		kernel_quantize_row(xq + t * N, xd + t * (N / QK), x + t * N, N);
+	if (fwrite(xq, 1, sizeof(xq), out) != sizeof(xq) ||
+	    dump_floats(out, xd, TOKENS * N / QK) < 0)
+		return -1;
+	for (int i = 0; i < 2 * N + QK; i++)
+		x[i] = next_signed_unit(&state);
+	for (int t = 0; t < TOKENS; t++)
+		kernel_quantize_row(xq + t * N, xd + t * (N / QK), x + t * N, N);
 
 	for (int n_tokens = 1; n_tokens <= TOKENS; n_tokens++) {
 		kernel_matmul_quant(result, ROWS, xq, xd, n_tokens, w8,

@@ -128,9 +128,10 @@ const char *kernel_isa(void);
  */
 
 /*
- * Quantizes one row x (n), n a multiple of 32, to xq (n) and xd (n / 32):
- * per block, d = max |x| / 127, q = round(x / d) computed as
- * roundf(x * (1 / d)), and q = 0 when d is 0.
+ * Quantizes one row x (n), n a multiple of 32, to xq (n) and xd (n / 32).
+ * Per block, d = max |x| / 127 and q = x * (1 / d) clamped to [-127, 127]
+ * and rounded to nearest even, with q = 0 when d is 0. NaN is left out of
+ * the maximum and becomes -127. Every path gives the same bits.
  */
 void kernel_quantize_row(int8_t *xq, float *xd, const float *x, int n);
 

@@ -76,25 +76,35 @@ const char *kernel_quant_isa(void)
 }
 
 
-void kernel_quantize_row(int8_t *xq, float *xd, const float *x, int n)
+/*
+ * Returns a code clamped to [-127, 127] and rounded to nearest even; NaN
+ * becomes -127. The SIMD paths compute the same with max, min and a
+ * conversion in the default rounding mode.
+ */
+static float clamp_round(float v)
+{
+	v = v > -127.0f ? v : -127.0f;
+	v = v < 127.0f ? v : 127.0f;
+	return nearbyintf(v);
+}
+
+
+static void quantize_row_scalar(int8_t *xq, float *xd, const float *x, int n)
 {
 	for (int b = 0; b < n / QK; b++) {
 		const float *v = x + (size_t)b * QK;
 		float amax = 0.0f;
 
+		/* NaN compares false, so it never becomes the maximum. */
 		for (int i = 0; i < QK; i++)
-			amax = fmaxf(amax, fabsf(v[i]));
+			amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
 
 		float d = amax / 127.0f;
 		float id = d != 0.0f ? 1.0f / d : 0.0f;
 
 		xd[b] = d;
-		/* The clamp keeps -128 out (the AVX2 sign trick needs that)
-		 * and turns NaN into -127 instead of an undefined cast. */
 		for (int i = 0; i < QK; i++)
-			xq[(size_t)b * QK + i] =
-				(int8_t)fminf(fmaxf(roundf(v[i] * id), -127.0f),
-					      127.0f);
+			xq[(size_t)b * QK + i] = (int8_t)clamp_round(v[i] * id);
 	}
 }
 
@@ -557,6 +567,90 @@ matmul_quant_avx512(float *out, int out_stride, const int8_t *xq,
 }
 
 
+/* ---- Activation quantization on SIMD paths ------------------------------ */
+
+TARGET_AVX2 static void quantize_row_avx2(int8_t *xq, float *xd,
+					  const float *x, int n)
+{
+	const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+	const __m256 low = _mm256_set1_ps(-127.0f);
+	const __m256 high = _mm256_set1_ps(127.0f);
+
+	for (int b = 0; b < n / QK; b++) {
+		const float *v = x + (size_t)b * QK;
+		__m256 values[4], amax = _mm256_setzero_ps();
+
+		/* max_ps returns its second operand when either is NaN. */
+		for (int k = 0; k < 4; k++) {
+			values[k] = _mm256_loadu_ps(v + 8 * k);
+			amax = _mm256_max_ps(_mm256_andnot_ps(sign_mask,
+							      values[k]),
+					     amax);
+		}
+
+		__m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax),
+				       _mm256_extractf128_ps(amax, 1));
+		__m128 m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+		__m128 m1 = _mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1));
+		float d = _mm_cvtss_f32(m1) / 127.0f;
+		float id = d != 0.0f ? 1.0f / d : 0.0f;
+		__m256i codes[4];
+
+		xd[b] = d;
+		for (int k = 0; k < 4; k++) {
+			__m256 scaled = _mm256_mul_ps(values[k],
+						      _mm256_set1_ps(id));
+
+			scaled = _mm256_min_ps(_mm256_max_ps(scaled, low), high);
+			codes[k] = _mm256_cvtps_epi32(scaled);
+		}
+
+		/* Pack 32 int32 codes to int8, then undo the lane interleave. */
+		__m256i words = _mm256_packs_epi32(codes[0], codes[1]);
+		__m256i words2 = _mm256_packs_epi32(codes[2], codes[3]);
+		__m256i bytes = _mm256_packs_epi16(words, words2);
+
+		bytes = _mm256_permutevar8x32_epi32(
+			bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+		_mm256_storeu_si256((__m256i *)(xq + (size_t)b * QK), bytes);
+	}
+}
+
+
+TARGET_AVX512 static void quantize_row_avx512(int8_t *xq, float *xd,
+					      const float *x, int n)
+{
+	const __m512 low = _mm512_set1_ps(-127.0f);
+	const __m512 high = _mm512_set1_ps(127.0f);
+
+	for (int b = 0; b < n / QK; b++) {
+		const float *v = x + (size_t)b * QK;
+		__m512 lo = _mm512_loadu_ps(v);
+		__m512 hi = _mm512_loadu_ps(v + 16);
+
+		/* max_ps returns its second operand when either is NaN. */
+		__m512 amax = _mm512_max_ps(_mm512_abs_ps(lo),
+					    _mm512_setzero_ps());
+
+		amax = _mm512_max_ps(_mm512_abs_ps(hi), amax);
+
+		float d = _mm512_reduce_max_ps(amax) / 127.0f;
+		float id = d != 0.0f ? 1.0f / d : 0.0f;
+		__m512 scale = _mm512_set1_ps(id);
+
+		xd[b] = d;
+		lo = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(lo, scale), low),
+				   high);
+		hi = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(hi, scale), low),
+				   high);
+		_mm_storeu_si128((__m128i *)(xq + (size_t)b * QK),
+				 _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(lo)));
+		_mm_storeu_si128((__m128i *)(xq + (size_t)b * QK + 16),
+				 _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(hi)));
+	}
+}
+
+
 /* ---- Dispatch ------------------------------------------------------------ */
 
 void kernel_matmul_quant(float *out, int out_stride, const int8_t *xq,
@@ -576,6 +670,22 @@ void kernel_matmul_quant(float *out, int out_stride, const int8_t *xq,
 	default:
 		matmul_quant_scalar(out, out_stride, xq, xd, n_tokens, w, type,
 				    n, row_begin, row_end);
+		break;
+	}
+}
+
+
+void kernel_quantize_row(int8_t *xq, float *xd, const float *x, int n)
+{
+	switch (selected_quant_isa) {
+	case QUANT_AVX512_VNNI:
+		quantize_row_avx512(xq, xd, x, n);
+		break;
+	case QUANT_AVX2:
+		quantize_row_avx2(xq, xd, x, n);
+		break;
+	default:
+		quantize_row_scalar(xq, xd, x, n);
 		break;
 	}
 }
