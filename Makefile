@@ -39,7 +39,7 @@ CRITERION_LIBS = $(shell pkg-config --libs criterion 2>/dev/null || echo -lcrite
 # Module libraries. A program's main() lives in a file named in MAIN_SOURCES
 # so the rest of each folder can be linked into any program or test.
 MAIN_SOURCES := worker/slab_run.c worker/worker_main.c client/slabctl.c \
-	broker/main.c bench/synth_model.c bench/quantize.c bench/probe.c
+	broker/main.c bench/synth_model.c bench/quantize.c bench/probe.c bench/recovery.c
 ENGINE_SRC := $(filter-out $(MAIN_SOURCES),$(wildcard worker/*.c))
 SHM_SRC := $(filter-out $(MAIN_SOURCES),$(wildcard shm/*.c))
 PROTO_DEFS := $(wildcard proto/*.proto)
@@ -60,7 +60,8 @@ LIB_BROKER := $(BUILD)/libslab_broker.a
 # Link order: dependents first.
 ALL_LIBS := $(LIB_BROKER) $(LIB_CLIENT) $(LIB_PROTO) $(LIB_SHM) $(LIB_ENGINE)
 
-PROGRAMS := $(BUILD)/slab-run $(BUILD)/slab-synth $(BUILD)/slab-probe
+PROGRAMS := $(BUILD)/slab-run $(BUILD)/slab-synth $(BUILD)/slab-probe \
+	$(BUILD)/slab-recovery
 ifneq ($(wildcard worker/worker_main.c),)
 PROGRAMS += $(BUILD)/slabd-worker
 endif
@@ -128,6 +129,7 @@ $(ALL_LIBS):
 $(BUILD)/slab-run: $(call objects,worker/slab_run.c) $(ALL_LIBS)
 $(BUILD)/slab-synth: $(call objects,bench/synth_model.c) $(ALL_LIBS)
 $(BUILD)/slab-probe: $(call objects,bench/probe.c) $(ALL_LIBS)
+$(BUILD)/slab-recovery: $(call objects,bench/recovery.c) $(ALL_LIBS)
 $(BUILD)/slabd-worker: $(call objects,worker/worker_main.c) $(ALL_LIBS)
 $(BUILD)/slabd: $(call objects,broker/main.c) $(ALL_LIBS)
 $(BUILD)/slabctl: $(call objects,client/slabctl.c) $(ALL_LIBS)

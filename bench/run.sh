@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Benchmarks of slabd, each figure measured in this one run next to its
-# reference. Usage: bench/run.sh BUILD_DIR MODEL_DIR [TOKENIZER_DIR]
-# TOKENIZER_DIR holds tokenizer.bin (the 32000-piece vocabulary) for the
-# synthetic models of the stories15M and stories110M shapes.
+# reference and printed with the ratio. Usage:
+#   bench/run.sh BUILD_DIR MODEL_DIR [TOKENIZER_DIR]
+# MODEL_DIR holds stories260K.bin and tok512.bin; TOKENIZER_DIR holds
+# tokenizer.bin (the 32000-piece vocabulary) for the synthetic models of the
+# stories15M and stories110M shapes, which are written with random weights.
 set -euo pipefail
 
 build=$1
@@ -28,44 +30,32 @@ rate() {
 	awk -v stage="$1:" '$1 == stage { print $(NF-1) }' "$2"
 }
 
-echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(date -u +%Y-%m-%d)"
-"$build/slab-probe" > "$work/probe"
-read_gbps=$(awk '$1 == "read_gbps" { print $2 }' "$work/probe")
-fma_gflops=$(awk '$1 == "fma_gflops" { print $2 }' "$work/probe")
-echo "probe: read ${read_gbps} GB/s, float32 FMA ${fma_gflops} GFLOP/s ($(nproc) threads)"
-echo
+# Bytes of weights one decode step reads: the whole file, less the token
+# embedding table when the file has a classifier of its own (quantized
+# files always do), since a step reads one row of it per token.
+# Arguments: FILE TYPE VOCAB DIM.
+bytes_per_token() {
+	local size
+	size=$(stat -c %s "$1")
+	if [ "$2" = f32 ]; then
+		echo "$size"
+	else
+		echo $((size - $3 * $4 * 4))
+	fi
+}
 
-"$build/slab-synth" --out "$work/s15.bin" --dim 288 --hidden-dim 768 --layers 6 \
-	--heads 6 --vocab 32000 --seq-len 512
-"$build/slab-synth" --out "$work/s110.bin" --dim 768 --hidden-dim 2048 --layers 12 \
-	--heads 12 --vocab 32000 --seq-len 512
-long_prompt=$(printf 'the little dog ran to the park and played %.0s' $(seq 25))
+# Multiply-adds of the weight matrices per token: DIM HIDDEN LAYERS KV_DIM.
+matmul_flops() {
+	awk -v d="$1" -v h="$2" -v l="$3" -v kv="$4" \
+		'BEGIN { printf "%.0f", 2 * l * (2 * d * d + 2 * d * kv + 3 * d * h) }'
+}
 
-printf '%-24s %12s %12s %10s %12s %10s\n' model "decode tok/s" "GB/s read" "of probe" "prefill tok/s" "of FMA"
-for entry in "stories260K:$models/stories260K.bin:$models/tok512.bin" \
-	"stories15M-shape:$work/s15.bin:$tokenizers/tokenizer.bin" \
-	"stories110M-shape:$work/s110.bin:$tokenizers/tokenizer.bin"; do
-	IFS=: read -r name model tokenizer <<<"$entry"
-	bytes=$(stat -c %s "$model")
-	"$build/slab-run" --model "$model" --tokenizer "$tokenizer" --threads $threads \
-		--prompt "Once" --max-tokens 200 2>"$work/decode" >/dev/null
-	"$build/slab-run" --model "$model" --tokenizer "$tokenizer" --threads $threads \
-		--prompt "$long_prompt" --max-tokens 1 2>"$work/prefill" >/dev/null
-	decode=$(rate decode "$work/decode")
-	prefill=$(rate prefill "$work/prefill")
-	awk -v n="$name" -v d="$decode" -v p="$prefill" -v b="$bytes" -v r="$read_gbps" -v f="$fma_gflops" \
-		'BEGIN { gb = d * b / 1e9; fl = p * 2 * b / 4 / 1e9;
-		         printf "%-24s %12.1f %12.1f %10.2f %12.1f %10.2f\n", n, d, gb, gb / r, p, fl / f }'
-done
-echo
-
-# The service: one session, then concurrent sessions, on the same models.
-start_service() {
+start_service() { # MODEL TOKENIZER WORKERS THREADS_PER_WORKER
 	"$build/slabd" --model "$1" --tokenizer "$2" --socket "$work/s.sock" \
-		--instance "$instance" --workers 2 --threads-per-worker 1 --log-level warning \
-		2>"$work/slabd.log" &
+		--instance "$instance" --workers "$3" --threads-per-worker "$4" \
+		--log-level "${log_level:-warning}" 2>"$work/slabd.log" &
 	slabd_pid=$!
-	for _ in $(seq 200); do
+	for _ in $(seq 400); do
 		"$build/slabctl" --socket "$work/s.sock" health >/dev/null 2>&1 && return 0
 		sleep 0.05
 	done
@@ -80,49 +70,130 @@ stop_service() {
 	slabd_pid=
 }
 
-printf '%-24s %14s %14s %8s\n' model "service tok/s" "slab-run tok/s" ratio
-for entry in "stories260K:$models/stories260K.bin:$models/tok512.bin" \
-	"stories15M-shape:$work/s15.bin:$tokenizers/tokenizer.bin"; do
-	IFS=: read -r name model tokenizer <<<"$entry"
-	start_service "$model" "$tokenizer"
+service_decode_rate() { # prints the decode tokens/s of one 200-token generation
 	"$build/slabctl" --socket "$work/s.sock" generate --verbose --no-echo \
 		--max-tokens 200 "Once" 2>"$work/service" >/dev/null
-	stop_service
-	"$build/slab-run" --model "$model" --tokenizer "$tokenizer" --threads 1 \
-		--prompt "Once" --max-tokens 200 2>"$work/decode" >/dev/null
-	service=$(grep -o 'decode [0-9.]* tokens/s' "$work/service" | awk '{ print $2 }')
-	local_rate=$(rate decode "$work/decode")
-	awk -v n="$name" -v s="$service" -v l="$local_rate" \
-		'BEGIN { printf "%-24s %14.1f %14.1f %8.2f\n", n, s, l, s / l }'
-done
-echo "(service: one worker step per token, the worker on 1 thread; slab-run on 1 thread)"
+	grep -o 'decode [0-9.]* tokens/s' "$work/service" | awk '{ print $2 }'
+}
+
+echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(date -u +%Y-%m-%d)"
+"$build/slab-probe" > "$work/probe"
+read_gbps=$(awk '$1 == "read_gbps" { print $2 }' "$work/probe")
+fma_gflops=$(awk '$1 == "fma_gflops" { print $2 }' "$work/probe")
+echo "probe: read ${read_gbps} GB/s, float32 FMA ${fma_gflops} GFLOP/s, $(nproc) threads"
 echo
 
-start_service "$work/s15.bin" "$tokenizers/tokenizer.bin"
+"$build/slab-synth" --out "$work/s15.f32" --dim 288 --hidden-dim 768 --layers 6 \
+	--heads 6 --vocab 32000 --seq-len 512
+"$build/slab-synth" --out "$work/s110.f32" --dim 768 --hidden-dim 2048 --layers 12 \
+	--heads 12 --vocab 32000 --seq-len 512
+cp "$models/stories260K.bin" "$work/s260.f32"
+for m in s260 s15 s110; do
+	for type in q8_0 q4_0; do
+		"$build/slab-quantize" "$work/$m.f32" "$work/$m.$type" --type "$type" \
+			>/dev/null 2>&1
+	done
+done
+long_prompt=$(printf 'the little dog ran to the park and played %.0s' $(seq 25))
+
+# name file-stem tokenizer dim hidden layers kv_dim vocab
+shapes=(
+	"stories260K s260 $models/tok512.bin 64 172 5 32 512"
+	"stories15M-shape s15 $tokenizers/tokenizer.bin 288 768 6 288 32000"
+	"stories110M-shape s110 $tokenizers/tokenizer.bin 768 2048 12 768 32000"
+)
+
+echo "1. slab-run, one session, $threads threads"
+printf '%-18s %-5s %10s %9s %8s %11s %8s\n' model type "decode/s" "GB/s" "of read" "prefill/s" "of FMA"
+for shape in "${shapes[@]}"; do
+	read -r name stem tokenizer dim hidden layers kv vocab <<<"$shape"
+	flops=$(matmul_flops "$dim" "$hidden" "$layers" "$kv")
+	for type in f32 q8_0 q4_0; do
+		model="$work/$stem.$type"
+		bytes=$(bytes_per_token "$model" "$type" "$vocab" "$dim")
+		"$build/slab-run" --model "$model" --tokenizer "$tokenizer" --threads $threads \
+			--prompt "Once" --max-tokens 200 2>"$work/decode" >/dev/null
+		"$build/slab-run" --model "$model" --tokenizer "$tokenizer" --threads $threads \
+			--prompt "$long_prompt" --max-tokens 1 2>"$work/prefill" >/dev/null
+		awk -v n="$name" -v t="$type" -v d="$(rate decode "$work/decode")" \
+			-v p="$(rate prefill "$work/prefill")" -v b="$bytes" -v f="$flops" \
+			-v r="$read_gbps" -v peak="$fma_gflops" \
+			'BEGIN { gb = d * b / 1e9; g = p * f / 1e9;
+			         printf "%-18s %-5s %10.1f %9.1f %8.2f %11.1f %8.2f\n",
+			                n, t, d, gb, gb / r, p, g / peak }'
+	done
+done
+echo "(GB/s: weight bytes read per token times tokens/s, a model that fits in the"
+echo " last-level cache can exceed the read probe; FMA: 2 FLOP per matrix weight per token)"
+echo
+
+echo "2. decode through the service, one session, next to slab-run on the same threads"
+printf '%-18s %-5s %8s %14s %14s %7s %8s\n' model type workers "service tok/s" "slab-run tok/s" ratio "of read"
+for shape in "${shapes[@]}"; do
+	read -r name stem tokenizer dim hidden layers kv vocab <<<"$shape"
+	types="f32"
+	[ "$stem" = s110 ] && types="f32 q8_0 q4_0"
+	for type in $types; do
+		model="$work/$stem.$type"
+		bytes=$(bytes_per_token "$model" "$type" "$vocab" "$dim")
+		start_service "$model" "$tokenizer" 1 $threads
+		service=$(service_decode_rate)
+		stop_service
+		"$build/slab-run" --model "$model" --tokenizer "$tokenizer" --threads $threads \
+			--prompt "Once" --max-tokens 200 2>"$work/decode" >/dev/null
+		awk -v n="$name" -v t="$type" -v s="$service" -v l="$(rate decode "$work/decode")" \
+			-v b="$bytes" -v r="$read_gbps" \
+			'BEGIN { printf "%-18s %-5s %8s %14.1f %14.1f %7.2f %8.2f\n",
+			                n, t, "1x2", s, l, s / l, s * b / 1e9 / r }'
+	done
+done
+echo
+
+echo "3. aggregate decode through the service, stories110M shape, q8_0, 1 worker x $threads threads"
+start_service "$work/s110.q8_0" "$tokenizers/tokenizer.bin" 1 $threads
 printf '%-10s %16s %8s\n' sessions "aggregate tok/s" "vs one"
 one=
 for sessions in 1 4 16; do
+	pids=()
 	started=$(date +%s.%N)
 	for i in $(seq "$sessions"); do
-		"$build/slabctl" --socket "$work/s.sock" generate --no-echo --max-tokens 100 \
+		"$build/slabctl" --socket "$work/s.sock" generate --no-echo --max-tokens 64 \
 			"Session $i starts here" >/dev/null &
+		pids+=($!)
 	done
-	wait $(jobs -p | grep -v "^$slabd_pid\$") 2>/dev/null || true
+	wait "${pids[@]}"
 	ended=$(date +%s.%N)
-	aggregate=$(awk -v n="$sessions" -v a="$started" -v b="$ended" 'BEGIN { printf "%.1f", n * 100 / (b - a) }')
+	aggregate=$(awk -v n="$sessions" -v a="$started" -v b="$ended" 'BEGIN { printf "%.1f", n * 64 / (b - a) }')
 	[ -n "$one" ] || one=$aggregate
 	awk -v n="$sessions" -v a="$aggregate" -v o="$one" 'BEGIN { printf "%-10s %16.1f %8.2f\n", n, a, a / o }'
 done
-echo "(stories15M shape, float32, 2 workers of 1 thread, 100 tokens per session)"
+echo "(wall time of whole slabctl runs, prompt and connection included, 64 tokens each)"
+stop_service
 echo
 
-# Memory: KV bytes per position and each worker's private memory.
-kv_bytes=$(awk 'BEGIN { print 2 * 6 * 288 * 4 }')
-echo "KV cache, stories15M shape, float32: $kv_bytes bytes per session-token"
-model_bytes=$(stat -c %s "$work/s15.bin")
+echo "4. memory, stories110M shape, q8_0, 2 workers"
+start_service "$work/s110.q8_0" "$tokenizers/tokenizer.bin" 2 1
+"$build/slabctl" --socket "$work/s.sock" generate --no-echo --max-tokens 32 "warm up" >/dev/null
+model_bytes=$(stat -c %s "$work/s110.q8_0")
+awk 'BEGIN { printf "KV cache: %d bytes per session-token in float32, %d in float16\n", 2 * 12 * 768 * 4, 2 * 12 * 768 * 2 }'
 for pid in $(cat "/proc/$slabd_pid/task/$slabd_pid/children"); do
+	# Anonymous private memory only: KV pages a worker alone has touched
+	# count as Private_* in smaps too, though they live in shared memory.
+	anonymous=$(awk '/^Anonymous:/ { kb += $2 } END { print kb * 1024 }' "/proc/$pid/smaps_rollup")
 	private=$(awk '/^Private_(Clean|Dirty):/ { kb += $2 } END { print kb * 1024 }' "/proc/$pid/smaps_rollup")
-	awk -v p="$pid" -v b="$private" -v m="$model_bytes" \
-		'BEGIN { printf "worker pid %s: %.1f MB private, %.3f of the model size\n", p, b / 1e6, b / m }'
+	awk -v p="$pid" -v a="$anonymous" -v pr="$private" -v m="$model_bytes" \
+		'BEGIN { printf "worker pid %s: %.1f MB anonymous (%.3f of the model), %.1f MB Private_*\n", p, a / 1e6, a / m, pr / 1e6 }'
 done
+echo
+
+echo "5. recovery: SIGKILL of the worker serving a session, stories15M shape, 2 workers"
+stop_service
+log_level=info start_service "$work/s15.f32" "$tokenizers/tokenizer.bin" 2 1
+for attempt in 1 2 3; do
+	# The scheduler gives a lone session's steps to worker 0 first.
+	worker=$(grep -o 'worker 0 (pid [0-9]*) ready' "$work/slabd.log" | tail -1 | grep -o '[0-9]*)' | tr -d ')')
+	"$build/slab-recovery" "$work/s.sock" "$worker" 100
+	sleep 0.5
+done
+echo "(longest gap between two tokens after the kill; a replacement worker starts meanwhile)"
 stop_service
