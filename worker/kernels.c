@@ -16,6 +16,9 @@
 
 #define LANES 16
 
+/* Distance of software prefetches in a weight row, in bytes. */
+#define PREFETCH_BYTES 512
+
 enum isa {
 	ISA_SCALAR,
 	ISA_AVX2,
@@ -264,6 +267,11 @@ tile_avx512(float *out, int out_stride, const float *x, const float *w, int n,
 		for (int r = 0; r < R; r++) {
 			__m512 wv = _mm512_loadu_ps(w + (size_t)r * n + k);
 
+			/* Decode streams each weight once: fetch ahead. */
+			if (T == 1)
+				_mm_prefetch((const char *)(w + (size_t)r * n + k) +
+						     PREFETCH_BYTES,
+					     _MM_HINT_T0);
 			for (int t = 0; t < T; t++)
 				acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
 		}
