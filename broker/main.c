@@ -308,9 +308,10 @@ static int remove_segments(const char *instance)
 static void broker_free(struct broker *broker)
 {
 	for (int i = 0; broker->sessions != NULL &&
-			i < broker->config.max_sessions; i++)
-		free(broker->sessions[i].blocks),
-			free(broker->sessions[i].shift_blocks);
+			i < broker->config.max_sessions; i++) {
+		free(broker->sessions[i].blocks);
+		free(broker->sessions[i].shift_blocks);
+	}
 	free(broker->sessions);
 	free(broker->scratch_tokens);
 	if (broker->signal_fd > 0)

@@ -324,6 +324,41 @@ static struct session_work next_work(struct broker *broker,
 }
 
 
+/* Adds a session's work to the step being built and its worker message. */
+static void add_sequence(struct broker *broker, struct broker_step *step,
+			 struct broker_session *s, const struct session_work *w)
+{
+	const struct broker_request *r = s->request;
+	int i = step->n_entries++;
+	Slabd__Worker__Sequence *q = &message.sequences[i];
+
+	step->entries[i] = (struct broker_step_entry){
+		.session = s, .start = w->start, .n = w->n, .sample = w->sample,
+	};
+	slabd__worker__sequence__init(q);
+	q->slot = s->handle.slot;
+	q->start = w->start;
+	q->n_tokens = (size_t)w->n;
+	q->tokens = (int32_t *)w->tokens;
+	q->n_blocks = s->n_blocks;
+	q->blocks = s->blocks;
+	q->sample = w->sample;
+	if (w->sample) {
+		fill_sampling(&message.sampling[i], &r->sampling);
+		q->sampling = &message.sampling[i];
+		if (r->sampling.repetition_penalty != 1.0f) {
+			q->history = message.history[i];
+			q->n_history = fill_history(broker, s, w->start,
+						    w->tokens, w->n,
+						    message.history[i]);
+		}
+	}
+	message.sequence_ptrs[i] = q;
+	s->in_step = true;
+	step->tokens += (uint64_t)w->n;
+}
+
+
 /* Fills one idle worker's step from the runnable queue and sends it. */
 static void build_step(struct broker *broker, struct broker_worker *worker)
 {
@@ -340,7 +375,6 @@ static void build_step(struct broker *broker, struct broker_worker *worker)
 		struct broker_session *s = *link;
 		struct broker_request *r = s->request;
 		struct session_work w;
-		bool take = false;
 
 		if (r != NULL && r->cancelled && !r->finishing &&
 		    s->pending_token < 0) {
@@ -431,41 +465,10 @@ static void build_step(struct broker *broker, struct broker_worker *worker)
 			fail_exhausted(broker, s);
 			continue;
 		}
-		take = true;
-
-		if (take) {
-			int i = step->n_entries++;
-			Slabd__Worker__Sequence *q = &message.sequences[i];
-
-			step->entries[i] = (struct broker_step_entry){
-				.session = s, .start = w.start, .n = w.n,
-				.sample = w.sample,
-			};
-			slabd__worker__sequence__init(q);
-			q->slot = s->handle.slot;
-			q->start = w.start;
-			q->n_tokens = (size_t)w.n;
-			q->tokens = (int32_t *)w.tokens;
-			q->n_blocks = s->n_blocks;
-			q->blocks = s->blocks;
-			q->sample = w.sample;
-			if (w.sample) {
-				fill_sampling(&message.sampling[i], &r->sampling);
-				q->sampling = &message.sampling[i];
-				if (r->sampling.repetition_penalty != 1.0f) {
-					q->history = message.history[i];
-					q->n_history = fill_history(
-						broker, s, w.start, w.tokens,
-						w.n, message.history[i]);
-				}
-			}
-			message.sequence_ptrs[i] = q;
-			s->in_step = true;
-			budget -= w.n;
-			step->tokens += (uint64_t)w.n;
-			if (s->solo)
-				break;
-		}
+		add_sequence(broker, step, s, &w);
+		budget -= w.n;
+		if (s->solo)
+			break;
 	}
 	reset_runnable_tail(broker);
 

@@ -349,9 +349,8 @@ static long find_stop(const struct broker_request *r, const char *text,
  * of it, including an incomplete UTF-8 character as U+FFFD. Returns true
  * when a stop string was found (its text and what follows is not sent).
  */
-static bool emit_text(struct broker *broker, struct broker_request *r,
-		      int32_t id, uint32_t position, const char *piece,
-		      size_t n, bool final)
+static bool emit_text(struct broker_request *r, int32_t id, uint32_t position,
+		      const char *piece, size_t n, bool final)
 {
 	char tail[8];
 	size_t n_tail = 0;
@@ -359,7 +358,6 @@ static bool emit_text(struct broker *broker, struct broker_request *r,
 	long stop;
 	size_t keep;
 
-	(void)broker;
 	if (final)
 		n_tail = engine_detokenize_flush(&r->detokenizer, tail,
 						 sizeof(tail));
@@ -447,7 +445,7 @@ void request_accept_token(struct broker *broker, struct broker_request *r,
 	if (!engine_is_end_token(token))
 		n = engine_detokenize(broker->tokenizer, &r->detokenizer, token,
 				      text, sizeof(text));
-	if (emit_text(broker, r, token, position, text, n,
+	if (emit_text(r, token, position, text, n,
 		      reason != SLABD__FINISH_REASON__FINISH_REASON_UNSPECIFIED))
 		reason = SLABD__FINISH_REASON__FINISH_REASON_STOP;
 
