@@ -457,8 +457,30 @@ void kernel_rope_inverse(float *x, int n_heads, int head_size,
 }
 
 
+/* A separate multiply and add per element, as in the scalar loop. */
+__attribute__((target("avx512f"))) static void
+axpy_avx512(float *out, float a, const float *v, int n)
+{
+	__m512 scale = _mm512_set1_ps(a);
+	int i = 0;
+
+	for (; i + LANES <= n; i += LANES) {
+		__m512 product = _mm512_mul_ps(scale, _mm512_loadu_ps(v + i));
+
+		_mm512_storeu_ps(out + i,
+				 _mm512_add_ps(_mm512_loadu_ps(out + i), product));
+	}
+	for (; i < n; i++)
+		out[i] += a * v[i];
+}
+
+
 void kernel_axpy(float *out, float a, const float *v, int n)
 {
+	if (selected_isa == ISA_AVX512) {
+		axpy_avx512(out, a, v, n);
+		return;
+	}
 	for (int i = 0; i < n; i++)
 		out[i] += a * v[i];
 }
