@@ -76,7 +76,7 @@ PROGRAMS += $(BUILD)/slab-quantize
 endif
 TESTS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 
-.PHONY: all deps test run models clean install bench fuzz check-memory
+.PHONY: all deps test run models clean install bench fuzz fuzz-deps check-memory
 # Generated protobuf code is kept between builds.
 .SECONDARY:
 .DEFAULT_GOAL := all
@@ -189,23 +189,34 @@ bench: all models
 # long from the seeds in tests/fuzz/corpus/, plus the real tokenizer as a
 # seed when the model directory has it. New inputs go to build/fuzz/corpus/.
 FUZZ_SECONDS ?= 30
-FUZZ_CC ?= clang
+# clang 15 or later: clang 14 has no _Float16 on x86.
+FUZZ_CC ?= clang-16
+FUZZ_PACKAGES := clang-16 libclang-rt-16-dev
 FUZZ_BUILD := build/fuzz
 FUZZ_HARNESSES := frame checkpoint tokenizer handle
 FUZZ_FLAGS := -std=c17 -g -O1 -D_GNU_SOURCE -pthread -I. -I$(FUZZ_BUILD) \
 	-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
 FUZZ_SOURCES_frame := proto/frame.c proto/envelope.c \
 	$(FUZZ_BUILD)/proto/slabd.pb-c.c $(FUZZ_BUILD)/proto/worker.pb-c.c
-FUZZ_SOURCES_checkpoint := worker/model.c worker/tokenizer.c
-FUZZ_SOURCES_tokenizer := worker/model.c worker/tokenizer.c
+FUZZ_SOURCES_checkpoint := worker/model.c worker/quant.c worker/tokenizer.c
+FUZZ_SOURCES_tokenizer := worker/model.c worker/quant.c worker/tokenizer.c
 FUZZ_SOURCES_handle := $(SHM_SRC)
 
 $(FUZZ_BUILD)/proto/%.pb-c.c: proto/%.proto | deps
 	@mkdir -p $(@D)
 	protoc-c --proto_path=proto --c_out=$(@D) $<
 
+fuzz-deps:
+	@if ! command -v $(FUZZ_CC) >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(FUZZ_PACKAGES); \
+		else \
+			echo "$(FUZZ_CC) is missing; run as root: apt-get install -y $(FUZZ_PACKAGES)"; exit 1; \
+		fi; \
+	fi
+
 $(FUZZ_BUILD)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_BUILD)/proto/slabd.pb-c.c \
-		$(FUZZ_BUILD)/proto/worker.pb-c.c
+		$(FUZZ_BUILD)/proto/worker.pb-c.c | fuzz-deps
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(FUZZ_SOURCES_$*) \
 		$$(pkg-config --libs libprotobuf-c) -lrt -lm
 
