@@ -266,6 +266,7 @@ struct broker {
 	int exit_status;
 	uint64_t started_ns;
 	uint64_t next_step_id;
+	bool finishing_step;          /* scheduler_step_done() applies results */
 	uint64_t restart_window_start_ns;
 	int restarts_in_window;
 	bool degraded;

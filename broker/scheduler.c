@@ -483,7 +483,7 @@ static void build_step(struct broker *broker, struct broker_worker *worker)
 
 void scheduler_run(struct broker *broker)
 {
-	if (broker->stopping)
+	if (broker->stopping || broker->finishing_step)
 		return;
 	for (int i = 0; i < broker->config.workers && broker->runnable_head; i++) {
 		struct broker_worker *worker = &broker->workers[i];
@@ -685,6 +685,14 @@ void scheduler_step_done(struct broker *broker, struct broker_worker *worker,
 			return;
 		}
 	}
+	/*
+	 * Finishing an entry can close a connection whose reply queue is
+	 * full, and closing it runs the scheduler. This worker is idle by
+	 * now, so that run would build the worker's next step over the
+	 * entries still being read here. The caller runs the scheduler once
+	 * every entry is finished.
+	 */
+	broker->finishing_step = true;
 	for (int i = 0; i < step->n_entries; i++) {
 		const struct broker_step_entry *e = &step->entries[i];
 
@@ -693,6 +701,7 @@ void scheduler_step_done(struct broker *broker, struct broker_worker *worker,
 				     ? reply->results[i]->token
 				     : -1);
 	}
+	broker->finishing_step = false;
 	step->n_entries = 0;
 }
 
