@@ -84,6 +84,11 @@ int session_open(struct broker *broker,
 }
 
 
+/*
+ * Returns the session a handle names, or NULL. One-shot sessions are never
+ * found, because their handle was never sent to a client, or because a
+ * CloseSession that arrived while their step ran made the handle invalid.
+ */
 struct broker_session *session_find(struct broker *broker, const char *text)
 {
 	struct shm_handle handle;
@@ -91,7 +96,8 @@ struct broker_session *session_find(struct broker *broker, const char *text)
 	if (text == NULL || shm_handle_parse(text, &handle) < 0 ||
 	    handle.slot >= (uint32_t)broker->config.max_sessions ||
 	    shm_session_lookup(broker->arena, &handle) < 0 ||
-	    !broker->sessions[handle.slot].in_use)
+	    !broker->sessions[handle.slot].in_use ||
+	    broker->sessions[handle.slot].one_shot)
 		return NULL;
 	return &broker->sessions[handle.slot];
 }
