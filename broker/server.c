@@ -38,8 +38,13 @@ static int make_parent_dirs(const char *path)
 		if (*p != '/')
 			continue;
 		*p = '\0';
-		if (mkdir(dir, 0750) < 0 && errno != EEXIST)
+		/* mkdir() applies the umask, which may remove group bits. */
+		if (mkdir(dir, 0750) == 0) {
+			if (chmod(dir, 0750) < 0)
+				return -errno;
+		} else if (errno != EEXIST) {
 			return -errno;
+		}
 		*p = '/';
 	}
 	return 0;
