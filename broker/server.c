@@ -460,10 +460,14 @@ static void on_recv(struct loop_op *op, int result)
 		connection_free_if_idle(c);
 		return;
 	}
+	if (result == 0 && frame_reader_buffered(&c->reader) > 0) {
+		/* A peer that only shut down its writing side still reads. */
+		close_with_error(c, "the stream ended %s%zu bytes into a frame; "
+				 "send whole frames", "",
+				 frame_reader_buffered(&c->reader));
+		return;
+	}
 	if (result <= 0) {
-		if (result == 0 && frame_reader_buffered(&c->reader) > 0)
-			log_info("connection %llu closed in the middle of a frame",
-				 (unsigned long long)c->id);
 		connection_close(c);
 		return;
 	}
