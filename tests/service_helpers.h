@@ -341,17 +341,17 @@ static inline void service_init(struct service *s)
 
 
 /*
- * Starts slabd with the given model and tokenizer file names (under
- * $SLAB_MODELS), 2 workers, this service's socket and instance, and the
- * extra arguments (NULL-terminated, may be NULL). Standard error is
- * appended to the log. Does not wait for the broker to listen.
+ * Starts slabd with the model and tokenizer files at the given paths, 2
+ * workers, this service's socket and instance, and the extra arguments
+ * (NULL-terminated, may be NULL). Standard error is appended to the log.
+ * Does not wait for the broker to listen.
  */
-static inline void service_spawn_model(struct service *s, const char *model,
-				       const char *tokenizer,
+static inline void service_spawn_paths(struct service *s,
+				       const char *model_path,
+				       const char *tokenizer_path,
 				       const char *const *extra)
 {
-	static char program[PATH_MAX], model_path[PATH_MAX],
-		tokenizer_path[PATH_MAX];
+	static char program[PATH_MAX];
 	const char *argv[SERVICE_MAX_ARGS];
 	size_t n = 0;
 	pid_t parent = getpid();
@@ -359,8 +359,6 @@ static inline void service_spawn_model(struct service *s, const char *model,
 	int log_fd;
 
 	service_program_path(program, sizeof(program), "slabd");
-	service_model_path(model_path, sizeof(model_path), model);
-	service_model_path(tokenizer_path, sizeof(tokenizer_path), tokenizer);
 	argv[n++] = program;
 	argv[n++] = "--model";
 	argv[n++] = model_path;
@@ -397,6 +395,22 @@ static inline void service_spawn_model(struct service *s, const char *model,
 	}
 	close(log_fd);
 	s->pid = pid;
+}
+
+
+/*
+ * Starts slabd as service_spawn_paths() does, with model and tokenizer file
+ * names under $SLAB_MODELS.
+ */
+static inline void service_spawn_model(struct service *s, const char *model,
+				       const char *tokenizer,
+				       const char *const *extra)
+{
+	static char model_path[PATH_MAX], tokenizer_path[PATH_MAX];
+
+	service_model_path(model_path, sizeof(model_path), model);
+	service_model_path(tokenizer_path, sizeof(tokenizer_path), tokenizer);
+	service_spawn_paths(s, model_path, tokenizer_path, extra);
 }
 
 
@@ -559,6 +573,9 @@ static inline void service_cleanup(struct service *s)
 		shm_unlink(path);
 	}
 	if (s->dir[0] != '\0') {
+		/* A killed broker leaves the lock file beside its socket. */
+		snprintf(path, sizeof(path), "%s.lock", s->socket_path);
+		unlink(path);
 		unlink(s->socket_path);
 		unlink(s->log_path);
 		rmdir(s->dir);
