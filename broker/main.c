@@ -124,15 +124,20 @@ static void on_tick(struct loop_op *op, int result)
 }
 
 
+/* SIGTERM and SIGINT, blocked from the start and read from a signalfd. */
+static void termination_signals(sigset_t *mask)
+{
+	sigemptyset(mask);
+	sigaddset(mask, SIGTERM);
+	sigaddset(mask, SIGINT);
+}
+
+
 static int setup_signals(struct broker *broker)
 {
 	sigset_t mask;
 
-	sigemptyset(&mask);
-	sigaddset(&mask, SIGTERM);
-	sigaddset(&mask, SIGINT);
-	sigprocmask(SIG_BLOCK, &mask, NULL);
-	signal(SIGPIPE, SIG_IGN);
+	termination_signals(&mask);
 	broker->signal_fd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
 	if (broker->signal_fd < 0) {
 		log_error("signalfd failed: %s", strerror(errno));
@@ -327,6 +332,17 @@ int main(int argc, char **argv)
 	static struct broker broker;
 	int fallback = 0;
 	int rc;
+
+	/*
+	 * Block termination signals before anything is created, so that one
+	 * arriving during start-up waits for the signalfd and still ends in a
+	 * clean shutdown that removes the shared memory.
+	 */
+	sigset_t termination;
+
+	termination_signals(&termination);
+	sigprocmask(SIG_BLOCK, &termination, NULL);
+	signal(SIGPIPE, SIG_IGN);
 
 	rc = broker_parse_options(argc, argv, &broker.config);
 	if (rc != 0)
