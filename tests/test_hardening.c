@@ -1308,8 +1308,16 @@ Test(hardening, kv_exhausted_keeps_running_session, .timeout = TEST_TIMEOUT_S,
 	cr_assert_eq(committed, runner.g.result.committed_length);
 	generation_greedy(&options, busy, " The end", 10);
 	g = expect_generate_ok(client, &options, "busy session afterwards");
-	cr_assert_eq(g->n_tokens, 10);
-	cr_assert_eq(g->result.finish_reason, SLAB_FINISH_LENGTH);
+	/* Where the cancel landed decides the text, so an end token may come
+	 * before the limit. */
+	if (g->result.finish_reason == SLAB_FINISH_EOS) {
+		cr_assert_leq(g->n_tokens, 10);
+	} else {
+		cr_assert_eq(g->result.finish_reason, SLAB_FINISH_LENGTH,
+			     "busy session afterwards finished %s",
+			     slab_finish_reason_name(g->result.finish_reason));
+		cr_assert_eq(g->n_tokens, 10);
+	}
 
 	cr_assert_eq(slab_session_close(client, busy), 0);
 	cr_assert_eq(slab_session_close(client, large), 0);
