@@ -205,6 +205,13 @@ static int setup_arena(struct broker *broker)
 
 	rc = shm_budget_blocks(broker->config.kv_memory, &broker->kv_shape,
 			       config.block_tokens, &config.n_blocks, &unused);
+	if (rc == -ERANGE) {
+		log_error("--kv-memory %llu bytes is too large: it makes more "
+			  "than %llu KV blocks; lower --kv-memory",
+			  (unsigned long long)broker->config.kv_memory,
+			  (unsigned long long)SHM_MAX_BLOCKS);
+		return rc;
+	}
 	if (rc < 0) {
 		log_error("--kv-memory %llu bytes cannot hold one KV block of "
 			  "%llu bytes for this model: %s; raise --kv-memory",
@@ -274,6 +281,11 @@ static int load_model(struct broker *broker)
 	max_context = broker->config.max_context;
 	if (max_context == 0)
 		max_context = broker->shape.seq_len;
+	if (max_context > broker->shape.seq_len)
+		log_warning("--max-context %d is beyond the %d positions the "
+			    "model was trained on; text past position %d may "
+			    "degrade", max_context, (int)broker->shape.seq_len,
+			    (int)broker->shape.seq_len);
 	broker->config.max_context = max_context;
 	broker->kv_shape = (struct shm_shape){
 		.n_layers = (uint32_t)broker->shape.n_layers,
@@ -324,6 +336,7 @@ static void broker_free(struct broker *broker)
 	engine_tokenizer_close(broker->tokenizer);
 	engine_model_close(broker->model);
 	loop_destroy(broker->loop);
+	broker_unlock_socket(broker);
 }
 
 
@@ -361,6 +374,7 @@ int main(int argc, char **argv)
 	rc = loop_create(broker.config.force_epoll, &broker.loop, &fallback);
 	if (rc < 0) {
 		log_error("cannot create the event loop: %s", strerror(-rc));
+		broker_free(&broker);
 		return 1;
 	}
 	if (fallback != 0)
@@ -409,6 +423,8 @@ int main(int argc, char **argv)
 	     c = c->next)
 		connection_close(c);
 	workers_stop(&broker);
+	loop_cancel(broker.loop, &broker.signal_op);
+	loop_cancel(broker.loop, &broker.tick_op);
 	/* Let the cancelled operations complete before freeing their owners. */
 	for (int i = 0; i < 100 && loop_pending(broker.loop) > 0; i++)
 		loop_run(broker.loop, 10);
@@ -417,7 +433,6 @@ int main(int argc, char **argv)
 	shm_arena_close(broker.arena);
 	if (broker.exit_status == 0) {
 		shm_segments_unlink(broker.config.instance);
-		broker_unlock_socket(&broker);
 		log_notice("stopped cleanly; shared memory removed");
 	}
 	broker_free(&broker);

@@ -67,7 +67,8 @@ static void usage(FILE *out)
 "                               send a malformed reply (KIND crash, hang or\n"
 "                               malformed); for recovery tests\n"
 "  --inject-fault KIND:position:P  the same for every step computing position P\n"
-"  --event-loop epoll           use epoll even where io_uring works\n"
+"  --event-loop KIND            io_uring (default, with epoll where io_uring\n"
+"                               cannot start) or epoll\n"
 "  --log-level LEVEL            error, warning, notice, info or debug (default info)\n"
 "  --remove-segments            remove the instance's shared memory and exit\n"
 "  --help                       print this help and exit\n");

@@ -352,7 +352,9 @@ static int check_context(struct broker_connection *c, uint64_t id,
 		connection_send_error(c, id,
 				      SLABD__ERROR_CODE__ERROR_CODE_CONTEXT_FULL,
 				      "prompt of %u tokens does not fit: the "
-				      "session holds %u of %u positions",
+				      "session holds %u of %u positions; open "
+				      "a session with a larger max_context or "
+				      "policy SHIFT",
 				      n_prompt, s->committed, s->context_limit);
 		return -1;
 	}

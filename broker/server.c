@@ -140,7 +140,7 @@ int broker_listen(struct broker *broker)
 	broker->accept_op = (struct loop_op){ .callback = on_accept,
 					      .data = broker };
 	loop_accept(broker->loop, &broker->accept_op, fd);
-	log_notice("ready: listening on %s with %d workers", path,
+	log_notice("ready: listening on %s; workers live: %d", path,
 		   broker->live_workers);
 	sd_notify(0, "READY=1");
 	return 0;

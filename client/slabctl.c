@@ -390,6 +390,11 @@ static int parse_generate(int argc, char **argv, struct generate_args *args)
 		case OPTION_MAX_TOKENS:
 			ok = parse_u32("--max-tokens", optarg,
 				       &gen->max_tokens);
+			if (ok && gen->max_tokens == 0) {
+				fprintf(stderr, "slabctl: invalid value '0' for "
+					"--max-tokens: expected at least 1\n");
+				ok = false;
+			}
 			break;
 		case OPTION_TEMPERATURE:
 			ok = parse_float("--temperature", optarg, 0, false,

@@ -135,7 +135,8 @@ static int read_pieces(const char *path, FILE *file, struct engine_tokenizer *t,
 		if (len < 0 || len > max_token_length)
 			return engine_fail(err,
 					   "%s: piece %d has length %d, expected "
-					   "0 to max_token_length %d",
+					   "0 to max_token_length %d; the file is "
+					   "not a llama2.c tokenizer or is corrupt",
 					   path, (int)id, (int)len,
 					   (int)max_token_length);
 		if (used + (size_t)len + 1 > (size_t)file_size)

@@ -435,7 +435,7 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	send_ready(&w, NULL);
-	log_info("ready: model %s, %d threads, kernels %s", w.options.model,
+	log_info("ready: model %s, threads: %d, kernels %s", w.options.model,
 		 w.options.threads, engine_kernel_isa());
 
 	for (;;) {
