@@ -49,6 +49,10 @@ PROTO_SRC := $(filter-out $(MAIN_SOURCES),$(wildcard proto/*.c))
 CLIENT_SRC := $(filter-out $(MAIN_SOURCES),$(wildcard client/*.c))
 BROKER_SRC := $(filter-out $(MAIN_SOURCES),$(wildcard broker/*.c))
 TEST_SRC := $(wildcard tests/test_*.c)
+# The allocation-counting test replaces malloc, which sanitizers own.
+ifneq ($(SANITIZE),)
+TEST_SRC := $(filter-out tests/test_alloc.c,$(TEST_SRC))
+endif
 
 objects = $(patsubst %.c,$(BUILD)/obj/%.o,$(1))
 

@@ -1,9 +1,9 @@
 /*
  * Steady-state allocation test: once an engine and a sampler exist, decode
  * steps and sampling must not call malloc. The test binary interposes
- * malloc, calloc and realloc to count calls; sanitizer builds replace the
- * allocator themselves, so there the count is not available and the test
- * is skipped.
+ * malloc, calloc and realloc to count calls. Sanitizer builds replace the
+ * allocator themselves, so the Makefile leaves this test out of them, and
+ * it skips itself if built with one anyway.
  */
 #include "worker/engine.h"
 
