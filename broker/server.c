@@ -3,9 +3,9 @@
  * connection, with frames read and written through the event loop.
  *
  * A connection owns a receive buffer, a frame reader bounded by --max-frame
- * and an output queue bounded by send_buffer_limit. A malformed or oversized
- * frame is answered with an error, after which the connection closes; no
- * other connection or session is affected.
+ * and an output queue bounded by send_buffer_limit. The broker replies to a
+ * malformed or oversized frame with an error and then closes the
+ * connection. No other connection or session is affected.
  */
 #include "broker/broker.h"
 #include "broker/log.h"
@@ -53,8 +53,8 @@ static int make_parent_dirs(const char *path)
 
 /*
  * Takes the lock file PATH.lock beside the socket for the life of the
- * process. Whoever holds it owns the socket path, so a socket file found
- * there by the holder is stale and can be replaced. A connect test cannot
+ * process. The process with the lock owns the socket path, so a socket
+ * file it finds there is stale and can be replaced. A connect test cannot
  * tell this reliably: a broker killed with a pending io_uring accept keeps
  * its listening socket open for a moment after it has been reaped.
  */
@@ -427,7 +427,7 @@ void connection_send_error(struct broker_connection *c, uint64_t request_id,
 }
 
 
-/* Answers a protocol violation and closes once the answer is out. */
+/* Replies to a protocol violation with an error, then closes the connection. */
 static void close_with_error(struct broker_connection *c, const char *format,
 			     const char *detail, size_t number)
 {

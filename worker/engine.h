@@ -238,7 +238,7 @@ struct engine_tensor_view engine_model_tensor(const struct engine_model *model,
 int engine_shape_check(const char *path, const struct engine_shape *shape,
 		       uint64_t file_size, struct engine_error *err);
 
-/* Bytes of float32 weights a checkpoint of this shape holds after its header. */
+/* Size in bytes of the float32 weights after a checkpoint header of this shape. */
 uint64_t engine_checkpoint_bytes(const struct engine_shape *shape);
 
 /* ---- Tokenizer ---------------------------------------------------------- */
@@ -247,7 +247,7 @@ struct engine_tokenizer;
 
 /*
  * Loads a tokenizer file in the llama2.c format for a model of vocab_size
- * pieces. Fails with -EINVAL when the file holds a different number of
+ * pieces. Fails with -EINVAL when the file has a different number of
  * pieces, a piece is malformed, or the file is truncated.
  */
 int engine_tokenizer_open(const char *path, int32_t vocab_size,
@@ -260,7 +260,7 @@ int32_t engine_tokenizer_vocab_size(const struct engine_tokenizer *tokenizer);
  * Encodes len bytes of text into token ids, BOS first when add_bos is set.
  * Bytes with no piece of their own become byte-fallback tokens. Writes at
  * most max_ids ids and stores the full count in *n_ids. Returns 0, or
- * -ENOBUFS when max_ids was too small (*n_ids then holds the count needed).
+ * -ENOBUFS when max_ids was too small (*n_ids is then the count needed).
  */
 int engine_tokenize(const struct engine_tokenizer *tokenizer, const char *text,
 		    size_t len, bool add_bos, int32_t *ids, size_t max_ids,
