@@ -268,6 +268,7 @@ struct broker {
 	uint64_t next_step_id;
 	bool finishing_step;          /* scheduler_step_done() applies results */
 	uint64_t restart_window_start_ns;
+	uint64_t last_worker_failure_ns;  /* 0 before the first failure */
 	int restarts_in_window;
 	bool degraded;
 

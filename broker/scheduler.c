@@ -18,6 +18,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* How long after a worker failure the others are checked before each step. */
+#define WORKER_CHECK_AFTER_FAILURE_NS (5ull * 1000000000ull)
+
 /* A session whose steps killed this many workers fails its request. */
 #define POISON_CRASHES 2
 
@@ -488,8 +491,16 @@ void scheduler_run(struct broker *broker)
 	for (int i = 0; i < broker->config.workers && broker->runnable_head; i++) {
 		struct broker_worker *worker = &broker->workers[i];
 
-		/* A worker that died since its last reply must not get a step. */
-		if (worker->state == WORKER_IDLE && !worker_alive(worker))
+		/*
+		 * A worker that died since its last reply must not get a step.
+		 * Workers mostly die together (a killed process group, the
+		 * machine out of memory), so the pidfd is polled only for a
+		 * while after a failure, sparing a system call per step.
+		 */
+		if (worker->state == WORKER_IDLE &&
+		    engine_now_ns() - broker->last_worker_failure_ns <
+			    WORKER_CHECK_AFTER_FAILURE_NS &&
+		    !worker_alive(worker))
 			worker_kill(worker, "process exited");
 		if (worker->state == WORKER_IDLE)
 			build_step(broker, worker);

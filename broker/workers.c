@@ -263,6 +263,7 @@ static void worker_failed(struct broker_worker *worker, const char *reason)
 	worker->state = WORKER_DEAD;
 	if (previous == WORKER_IDLE || previous == WORKER_BUSY)
 		broker->live_workers--;
+	broker->last_worker_failure_ns = engine_now_ns();
 	worker->consecutive_failures++;
 	if (!broker->stopping)
 		log_warning("worker %d (pid %d) lost: %s%s", worker->id,
