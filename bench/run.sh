@@ -151,23 +151,29 @@ echo
 
 echo "3. aggregate decode through the service, stories110M shape, q8_0, 1 worker x $threads threads"
 start_service "$work/s110.q8_0" "$tokenizers/tokenizer.bin" 1 $threads
-printf '%-10s %16s %8s\n' sessions "aggregate tok/s" "vs one"
-one=
+printf '%-10s %14s %8s %16s %8s\n' sessions "wall tok/s" "vs one" "decode tok/s" "vs one"
+one_wall=
+one_decode=
 for sessions in 1 4 16; do
 	pids=()
 	started=$(date +%s.%N)
 	for i in $(seq "$sessions"); do
-		"$build/slabctl" --socket "$work/s.sock" generate --no-echo --max-tokens 64 \
-			"Session $i starts here" >/dev/null &
+		"$build/slabctl" --socket "$work/s.sock" generate --no-echo --verbose \
+			--max-tokens 128 "Session $i starts here" >/dev/null 2>"$work/agg.$i" &
 		pids+=($!)
 	done
 	wait "${pids[@]}"
 	ended=$(date +%s.%N)
-	aggregate=$(awk -v n="$sessions" -v a="$started" -v b="$ended" 'BEGIN { printf "%.1f", n * 64 / (b - a) }')
-	[ -n "$one" ] || one=$aggregate
-	awk -v n="$sessions" -v a="$aggregate" -v o="$one" 'BEGIN { printf "%-10s %16.1f %8.2f\n", n, a, a / o }'
+	wall=$(awk -v n="$sessions" -v a="$started" -v b="$ended" 'BEGIN { printf "%.1f", n * 128 / (b - a) }')
+	decode=$(cat "$work"/agg.* | grep -o 'decode [0-9.]* tokens/s' | awk '{ sum += $2 } END { printf "%.1f", sum }')
+	rm -f "$work"/agg.*
+	[ -n "$one_wall" ] || { one_wall=$wall; one_decode=$decode; }
+	awk -v n="$sessions" -v w="$wall" -v ow="$one_wall" -v d="$decode" -v od="$one_decode" \
+		'BEGIN { printf "%-10s %14.1f %8.2f %16.1f %8.2f\n", n, w, w / ow, d, d / od }'
 done
-echo "(wall time of whole slabctl runs, prompt and connection included, 64 tokens each)"
+echo "(wall: 128 tokens per session over the wall time of all slabctl runs, start-up"
+echo " and prompt included; decode: the sum of each session's decode rate, which"
+echo " counts only the time after its first token)"
 stop_service
 echo
 
