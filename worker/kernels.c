@@ -252,7 +252,7 @@ __attribute__((target("avx512f,avx512dq,fma"), always_inline)) static inline voi
 tile_avx512(float *out, int out_stride, const float *x, const float *w, int n,
 	    int R, int T)
 {
-	__m512 acc[4][4];
+	__m512 acc[8][4];
 	int k = 0;
 
 	for (int r = 0; r < R; r++)
@@ -307,10 +307,17 @@ dot_avx512(const float *a, const float *b, int n)
 }
 
 
-/* Runs the 4-row tiles of one group of tokens, then the leftover rows. */
+/*
+ * Runs the tiles of one group of tokens: 8 rows at a time for a single
+ * token (decode streams weights, and more rows in flight read them
+ * faster), 4 rows otherwise, then the leftover rows one by one.
+ */
 #define MATMUL_AVX512_TOKENS(T)                                               \
 	do {                                                                  \
 		int i = block_begin;                                          \
+		for (; T == 1 && i + 8 <= block_end; i += 8)                  \
+			tile_avx512(o + i, out_stride, xt, w + (size_t)i * n, \
+				    n, 8, T);                                 \
 		for (; i + 4 <= block_end; i += 4)                            \
 			tile_avx512(o + i, out_stride, xt, w + (size_t)i * n, \
 				    n, 4, T);                                 \
