@@ -131,20 +131,22 @@ echo "2. decode through the service, one session, next to slab-run on the same t
 printf '%-18s %-5s %8s %14s %14s %7s %8s\n' model type workers "service tok/s" "slab-run tok/s" ratio "of read"
 for shape in "${shapes[@]}"; do
 	read -r name stem tokenizer dim hidden layers kv vocab <<<"$shape"
-	types="f32"
-	[ "$stem" = s110 ] && types="f32 q8_0 q4_0"
-	for type in $types; do
+	runs="f32:$threads f32:1"
+	[ "$stem" = s110 ] && runs="f32:$threads q8_0:$threads q4_0:$threads"
+	for run in $runs; do
+		type=${run%%:*}
+		worker_threads=${run##*:}
 		model="$work/$stem.$type"
 		bytes=$(bytes_per_token "$model" "$type" "$vocab" "$dim")
-		start_service "$model" "$tokenizer" 1 $threads
+		start_service "$model" "$tokenizer" 1 "$worker_threads"
 		service=$(service_decode_rate)
 		stop_service
-		"$build/slab-run" --model "$model" --tokenizer "$tokenizer" --threads $threads \
+		"$build/slab-run" --model "$model" --tokenizer "$tokenizer" --threads "$worker_threads" \
 			--prompt "Once" --max-tokens 200 2>"$work/decode" >/dev/null
 		awk -v n="$name" -v t="$type" -v s="$service" -v l="$(rate decode "$work/decode")" \
-			-v b="$bytes" -v r="$read_gbps" \
+			-v b="$bytes" -v r="$read_gbps" -v w="1x$worker_threads" \
 			'BEGIN { printf "%-18s %-5s %8s %14.1f %14.1f %7.2f %8.2f\n",
-			                n, t, "1x2", s, l, s / l, s * b / 1e9 / r }'
+			                n, t, w, s, l, s / l, s * b / 1e9 / r }'
 	done
 done
 echo

@@ -657,6 +657,11 @@ void scheduler_step_done(struct broker *broker, struct broker_worker *worker,
 	struct broker_step *step = &worker->step;
 
 	broker->stats.steps++;
+	log_debug("step %llu on worker %d: %llu tokens, %.3f ms computing, "
+		  "%.3f ms from send to reply", (unsigned long long)step->id,
+		  worker->id, (unsigned long long)step->tokens,
+		  (double)reply->compute_ns / 1e6,
+		  (double)(engine_now_ns() - step->sent_ns) / 1e6);
 	if (reply->error != NULL && reply->error[0] != '\0') {
 		log_error("worker %d rejected step %llu: %s", worker->id,
 			  (unsigned long long)step->id, reply->error);
