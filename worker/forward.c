@@ -263,15 +263,17 @@ static void attention_task_run(void *arg, int ith, int nth)
 	int head_size = engine_head_size(shape);
 	int kv_group = shape->n_heads / shape->n_kv_heads;
 	int n_items = engine->n_tokens * shape->n_heads;
-	int per_thread = (n_items + nth - 1) / nth;
-	int begin = ith * per_thread;
-	int end = begin + per_thread > n_items ? n_items : begin + per_thread;
 	float *att = engine->att + (size_t)ith * engine->options.max_context;
 	float *k_scratch = engine->kv_row + (size_t)ith * 2 * head_size;
 	float *v_scratch = k_scratch + head_size;
 	float scale = sqrtf((float)head_size);
 
-	for (int item = begin; item < end; item++) {
+	/*
+	 * Threads take every nth (token, head) pair: a later token attends to
+	 * more positions, so contiguous ranges would give the last thread the
+	 * most work.
+	 */
+	for (int item = ith; item < n_items; item += nth) {
 		int t = item / shape->n_heads;
 		int h = item % shape->n_heads;
 		int position = engine->token_position[t];
