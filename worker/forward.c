@@ -84,6 +84,7 @@ struct engine {
 
 	/* State of the step being run, read by the attention task. */
 	const struct engine_kv *kv;
+	uint64_t kv_stride;       /* bytes from one KV block to the next */
 	const struct engine_sequence *sequences;
 	int n_tokens;
 	int layer;
@@ -192,6 +193,18 @@ static void run_matmuls(struct engine *engine, struct matmul_task *task)
 }
 
 
+/* Makes kv the cache of the running step or shift. */
+static void use_kv(struct engine *engine, const struct engine_kv *kv)
+{
+	engine->kv = kv;
+	engine->kv_stride = kv->block_stride != 0
+				    ? kv->block_stride
+				    : engine_kv_block_bytes(&engine->model->shape,
+							    kv->block_tokens,
+							    kv->type);
+}
+
+
 /* Address of the K (kv = 0) or V (kv = 1) row of one position. */
 static void *kv_row_address(const struct engine *engine,
 			    const struct engine_sequence *sequence, int layer,
@@ -199,11 +212,7 @@ static void *kv_row_address(const struct engine *engine,
 {
 	const struct engine_shape *shape = &engine->model->shape;
 	const struct engine_kv *cache = engine->kv;
-	uint64_t block_bytes = cache->block_stride != 0
-				       ? cache->block_stride
-				       : engine_kv_block_bytes(shape,
-							       cache->block_tokens,
-							       cache->type);
+	uint64_t block_bytes = engine->kv_stride;
 	size_t element = cache->type == ENGINE_KV_F16 ? 2 : 4;
 	int32_t block = sequence->blocks[position / (int)cache->block_tokens];
 	size_t row = ((size_t)layer * 2 + (size_t)kv) * cache->block_tokens +
@@ -570,7 +579,7 @@ int engine_step(struct engine *engine, const struct engine_kv *kv,
 	if (rc < 0)
 		return rc;
 
-	engine->kv = kv;
+	use_kv(engine, kv);
 	engine->sequences = sequences;
 
 	/* Stack every token's embedding into the activation matrix. */
@@ -709,7 +718,7 @@ int engine_kv_shift(struct engine *engine, const struct engine_kv *kv,
 	if (rc < 0)
 		return rc;
 
-	engine->kv = kv;
+	use_kv(engine, kv);
 	cos_sin = engine->rope + (size_t)n_discard * head_size;
 	for (int layer = 0; layer < shape->n_layers; layer++) {
 		for (int32_t p = 0; p < length; p++) {
