@@ -252,7 +252,7 @@ __attribute__((target("avx512f,avx512dq,fma"), always_inline)) static inline voi
 tile_avx512(float *out, int out_stride, const float *x, const float *w, int n,
 	    int R, int T)
 {
-	__m512 acc[8][4];
+	__m512 acc[8][6];
 	int k = 0;
 
 	for (int r = 0; r < R; r++)
@@ -260,7 +260,7 @@ tile_avx512(float *out, int out_stride, const float *x, const float *w, int n,
 			acc[r][t] = _mm512_setzero_ps();
 
 	for (; k + LANES <= n; k += LANES) {
-		__m512 xv[4];
+		__m512 xv[6];
 
 		for (int t = 0; t < T; t++)
 			xv[t] = _mm512_loadu_ps(x + (size_t)t * n + k);
@@ -278,7 +278,7 @@ tile_avx512(float *out, int out_stride, const float *x, const float *w, int n,
 	}
 	if (k < n) {
 		__mmask16 mask = (__mmask16)((1u << (n - k)) - 1);
-		__m512 xv[4];
+		__m512 xv[6];
 
 		for (int t = 0; t < T; t++)
 			xv[t] = _mm512_maskz_loadu_ps(mask, x + (size_t)t * n + k);
@@ -310,7 +310,9 @@ dot_avx512(const float *a, const float *b, int n)
 /*
  * Runs the tiles of one group of tokens: 8 rows at a time for a single
  * token (decode streams weights, and more rows in flight read them
- * faster), 4 rows otherwise, then the leftover rows one by one.
+ * faster), 4 rows otherwise, then the leftover rows one by one. Prefill
+ * takes tokens 6 at a time, the most whose 4 x 6 accumulators still fit
+ * the 32 vector registers with the token rows.
  */
 #define MATMUL_AVX512_TOKENS(T)                                               \
 	do {                                                                  \
@@ -347,6 +349,12 @@ matmul_avx512(float *out, int out_stride, const float *x, int n_tokens,
 					: row_end;
 		int t = 0;
 
+		for (; t + 6 <= n_tokens; t += 6) {
+			float *o = out + (size_t)t * out_stride;
+			const float *xt = x + (size_t)t * n;
+
+			MATMUL_AVX512_TOKENS(6);
+		}
 		for (; t + 4 <= n_tokens; t += 4) {
 			float *o = out + (size_t)t * out_stride;
 			const float *xt = x + (size_t)t * n;
