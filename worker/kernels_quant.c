@@ -25,8 +25,14 @@
 /* Rows per cache block of a prefill, as in kernels.c. */
 #define ROW_BLOCK_BYTES (192 * 1024)
 
-/* Distance ahead of the current block at which each row is prefetched. */
-#define PREFETCH_BYTES 512
+/*
+ * Distance ahead of the current block at which each row is prefetched.
+ * Rows are stored back to back, so the prefetches of a tile together run
+ * this far ahead in the weights, reaching into later tiles when a row is
+ * short. Measured single-thread on a 2-core AVX-512 AMD EPYC, Q8_0 with
+ * 768-wide rows streamed 21 GB/s at 512 bytes and 30 GB/s at 8 KB.
+ */
+#define PREFETCH_BYTES 8192
 
 enum quant_isa {
 	QUANT_SCALAR,
