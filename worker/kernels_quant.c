@@ -368,14 +368,6 @@ TARGET_AVX512 static inline float reduce_avx512(__m512 acc)
 }
 
 
-/* A float for lanes 0-7 and another for lanes 8-15. */
-TARGET_AVX512 static inline __m512 pair_scale(float first, float second)
-{
-	return _mm512_insertf32x8(_mm512_set1_ps(first),
-				  _mm256_set1_ps(second), 1);
-}
-
-
 /*
  * Returns block b of a row as 32 unsigned bytes w + bias and stores its
  * scale: bias 128 for Q8_0 (w xor 0x80), and 8 for Q4_0, whose stored codes
@@ -403,6 +395,59 @@ TARGET_AVX2 static inline __m256i load_block_biased(const void *w,
 }
 
 
+/* Returns the float16 bits of the scale of block b of a row. */
+static inline uint16_t block_scale_bits(const void *w,
+					enum engine_weight_type type, int b)
+{
+	uint16_t bits;
+
+	if (type == ENGINE_WEIGHT_Q8_0)
+		memcpy(&bits, &((const struct engine_block_q8_0 *)w + b)->d,
+		       sizeof(bits));
+	else
+		memcpy(&bits, &((const struct engine_block_q4_0 *)w + b)->d,
+		       sizeof(bits));
+	return bits;
+}
+
+
+/*
+ * Returns the blocks b and b + 1 of a row as 64 unsigned bytes w + bias, as
+ * load_block_biased does for one block. For Q4_0 the two blocks' packed
+ * bytes share one register: the low nibbles of both and the high nibbles of
+ * both, then a shuffle of 128-bit parts puts them in block order.
+ */
+TARGET_AVX512 static inline __m512i load_pair_biased(const void *w,
+						     enum engine_weight_type type,
+						     int b)
+{
+	if (type == ENGINE_WEIGHT_Q8_0) {
+		const struct engine_block_q8_0 *block =
+			(const struct engine_block_q8_0 *)w + b;
+		__m512i q = _mm512_inserti64x4(
+			_mm512_castsi256_si512(_mm256_loadu_si256(
+				(const __m256i *)block[0].qs)),
+			_mm256_loadu_si256((const __m256i *)block[1].qs), 1);
+
+		return _mm512_xor_si512(q, _mm512_set1_epi8((char)0x80));
+	}
+
+	const struct engine_block_q4_0 *block =
+		(const struct engine_block_q4_0 *)w + b;
+	__m256i packed = _mm256_inserti128_si256(
+		_mm256_castsi128_si256(
+			_mm_loadu_si128((const __m128i *)block[0].qs)),
+		_mm_loadu_si128((const __m128i *)block[1].qs), 1);
+	/* 128-bit parts: low nibbles of b, of b + 1, high of b, of b + 1. */
+	__m512i nibbles = _mm512_inserti64x4(_mm512_castsi256_si512(packed),
+					     _mm256_srli_epi16(packed, 4), 1);
+
+	nibbles = _mm512_shuffle_i64x2(nibbles, nibbles,
+				       _MM_SHUFFLE(3, 1, 2, 0));
+	return _mm512_and_si512(nibbles, _mm512_set1_epi8(15));
+}
+
+
 /*
  * Adds the block pair (b, b + 1) of R rows and T tokens to acc. The second
  * block is absent (zeros with scale 0) when pair is false. vpdpbusd
@@ -410,6 +455,11 @@ TARGET_AVX2 static inline __m256i load_block_biased(const void *w,
  * the activations as they are. The accumulator starts at -bias times each
  * lane's sum of activations, which leaves the exact sum of w x (at most
  * 4 * 255 * 127 in magnitude before the correction).
+ *
+ * One instruction converts the float16 scales of the R rows, in the order
+ * (row 0, b), (row 0, b + 1), (row 1, b) and so on. They are multiplied by
+ * the activation scales and then spread to the lanes of each row by a
+ * permutation. Each product is the same float as one row at a time gives.
  */
 TARGET_AVX512 __attribute__((always_inline)) static inline void
 pair_step_avx512(__m512 acc[4][4], const int8_t *xq, const float *xd,
@@ -420,13 +470,14 @@ pair_step_avx512(__m512 acc[4][4], const int8_t *xq, const float *xd,
 	const int bias_shift = type == ENGINE_WEIGHT_Q8_0 ? 7 : 3;
 	const int nb = n / QK;
 	__m512i x[4], correction[4];
-	__m512 dx[4];
+	__m256 dx[4];
 
 #pragma GCC unroll 4
 	for (int t = 0; t < T; t++) {
 		const int8_t *xt = xq + (size_t)t * n + (size_t)b * QK;
 		const float *dt = xd + (size_t)t * nb + b;
 		__m512i sums;
+		__m128 dx_pair;
 
 		x[t] = pair ? _mm512_loadu_si512(xt)
 			    : _mm512_zextsi256_si512(
@@ -435,28 +486,60 @@ pair_step_avx512(__m512 acc[4][4], const int8_t *xq, const float *xd,
 		correction[t] = _mm512_sub_epi32(
 			_mm512_setzero_si512(),
 			_mm512_slli_epi32(sums, bias_shift));
-		dx[t] = pair_scale(dt[0], pair ? dt[1] : 0.0f);
+		/* dx is (dt[0], dt[1]) four times, with 0 for an absent dt[1]. */
+		dx_pair = pair ? _mm_castsi128_ps(
+					 _mm_loadl_epi64((const __m128i *)dt))
+			       : _mm_load_ss(dt);
+		dx[t] = _mm256_castpd_ps(
+			_mm256_broadcastsd_pd(_mm_castps_pd(dx_pair)));
 	}
+
+	__m128i scale_bits = _mm_setzero_si128();
+
 #pragma GCC unroll 4
 	for (int r = 0; r < R; r++) {
 		const char *wr = w + (size_t)r * row_bytes;
-		float dw0, dw1 = 0.0f;
+
+		scale_bits = _mm_insert_epi16(scale_bits,
+					      block_scale_bits(wr, type, b),
+					      2 * r);
+		if (pair)
+			scale_bits = _mm_insert_epi16(
+				scale_bits, block_scale_bits(wr, type, b + 1),
+				2 * r + 1);
+	}
+
+	__m256 dw = _mm256_cvtph_ps(scale_bits);
+	__m256 scales[4];
+
+#pragma GCC unroll 4
+	for (int t = 0; t < T; t++)
+		scales[t] = _mm256_mul_ps(dw, dx[t]);
+
+#pragma GCC unroll 4
+	for (int r = 0; r < R; r++) {
+		const char *wr = w + (size_t)r * row_bytes;
+		/* Lanes 0-7 take scale 2r (block b), lanes 8-15 scale 2r + 1. */
+		const __m512i spread = _mm512_set_epi32(
+			2 * r + 1, 2 * r + 1, 2 * r + 1, 2 * r + 1, 2 * r + 1,
+			2 * r + 1, 2 * r + 1, 2 * r + 1, 2 * r, 2 * r, 2 * r,
+			2 * r, 2 * r, 2 * r, 2 * r, 2 * r);
+		__m512i q;
 
 		_mm_prefetch(wr + (size_t)b * (row_bytes / nb) + PREFETCH_BYTES,
 			     _MM_HINT_T0);
-
-		__m256i q0 = load_block_biased(wr, type, b, &dw0);
-		__m256i q1 = pair ? load_block_biased(wr, type, b + 1, &dw1)
-				  : _mm256_setzero_si256();
-		__m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1,
-					       1);
-		__m512 dw = pair_scale(dw0, dw1);
+		if (pair)
+			q = load_pair_biased(wr, type, b);
+		else
+			q = _mm512_zextsi256_si512(
+				load_block_biased(wr, type, b, &(float){ 0 }));
 
 #pragma GCC unroll 4
 		for (int t = 0; t < T; t++) {
 			__m512i sums = _mm512_dpbusd_epi32(correction[t], q,
 							   x[t]);
-			__m512 scale = _mm512_mul_ps(dw, dx[t]);
+			__m512 scale = _mm512_permutexvar_ps(
+				spread, _mm512_castps256_ps512(scales[t]));
 
 			acc[r][t] = _mm512_fmadd_ps(scale,
 						    _mm512_cvtepi32_ps(sums),
