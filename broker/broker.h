@@ -97,7 +97,6 @@ struct broker_request {
 	int32_t *prompt;        /* tokens still to feed, in order */
 	uint32_t n_prompt;
 	uint32_t prompt_fed;    /* committed prompt tokens */
-	uint32_t prompt_total;  /* prompt tokens of the request */
 
 	int32_t max_tokens;     /* 0 = no own limit */
 	uint32_t generated;
@@ -148,17 +147,15 @@ struct broker_worker {
 	pid_t pid;
 	int fd;
 	int pidfd;
-	struct loop_op recv_op, send_op, exit_op, deadline_op, restart_op;
+	struct loop_op recv_op, send_op, exit_op, restart_op;
 	uint8_t *recv_buffer;     /* (65536) */
 	uint8_t *send_buffer;     /* grows up to BROKER_MAX_PACKET */
 	size_t send_capacity;
 	struct broker_step step;  /* valid while WORKER_BUSY */
 	bool exited;              /* pidfd reported the exit */
-	bool killed;              /* we sent SIGKILL (hung or malformed) */
 	uint64_t started_ns;
 	int restarts;
 	int consecutive_failures;
-	uint64_t pending_fault;   /* Fault to inject into the next step */
 };
 
 /*

@@ -467,7 +467,6 @@ static void start_request(struct broker_connection *c, uint64_t id,
 	r->is_prefill = p != NULL;
 	r->prompt = prompt;
 	r->n_prompt = (uint32_t)n_prompt;
-	r->prompt_total = (uint32_t)n_prompt;
 	r->received_ns = engine_now_ns();
 	if (g != NULL) {
 		r->stream = g->stream;

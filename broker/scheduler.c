@@ -313,10 +313,9 @@ static struct session_work next_work(struct broker *broker,
 			w.done = true;
 			return w;
 		}
-		broker->scratch_tokens[0] = info.tokens[info.committed - 1];
 		s->refeed_last = true;
+		s->pending_token = info.tokens[info.committed - 1];
 		w.tokens = &s->pending_token;
-		s->pending_token = broker->scratch_tokens[0];
 		w.start = (int32_t)s->committed - 1;
 		w.n = 1;
 		w.sample = true;

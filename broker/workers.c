@@ -121,7 +121,6 @@ static int worker_spawn(struct broker_worker *worker)
 	worker->fd = sv[0];
 	worker->pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
 	worker->exited = false;
-	worker->killed = false;
 	worker->started_ns = engine_now_ns();
 	worker->state = WORKER_STARTING;
 	if (worker->pidfd < 0)
@@ -302,7 +301,6 @@ bool worker_alive(const struct broker_worker *worker)
 
 void worker_kill(struct broker_worker *worker, const char *reason)
 {
-	worker->killed = true;
 	worker_failed(worker, reason);
 }
 
