@@ -21,8 +21,6 @@
 #include <string.h>
 #include <unistd.h>
 
-/* Rows quantized per write. */
-#define CHUNK_ROWS 256
 
 struct output {
 	FILE *file;
@@ -94,8 +92,8 @@ static void plan_tensors(const struct engine_shape *shape,
 								: type;
 		entry->type = chosen;
 		entry->offset = offset;
-		entry->size = engine_weight_bytes(chosen, dims.matrices *
-							  dims.rows * dims.cols);
+		entry->size = dims.matrices *
+			      engine_matrix_bytes(chosen, dims.rows, dims.cols);
 		offset = align_up(offset + entry->size);
 	}
 }
@@ -129,43 +127,61 @@ static int pad_to(struct output *out, uint64_t offset)
 }
 
 
-/* Writes one tensor of the source model in the type its entry names. */
+/*
+ * Writes one tensor of the source model in the type its entry names. A
+ * quantized matrix is written one group of 16 rows at a time: the rows are
+ * quantized into blocks, then packed into group.
+ */
 static int write_tensor(struct output *out, const struct engine_model *model,
 			enum engine_tensor_id id,
-			const struct engine_quant_tensor *entry, void *buffer)
+			const struct engine_quant_tensor *entry, void *blocks,
+			void *group)
 {
 	struct engine_tensor_view source = engine_model_tensor(model, id);
 	uint64_t cols = source.dims.cols;
-	uint64_t rows = source.dims.matrices * source.dims.rows;
+	uint64_t rows = source.dims.rows;
 	const float *x = source.data;
 
 	if (pad_to(out, entry->offset) < 0)
 		return -1;
 	if (entry->type == ENGINE_WEIGHT_F32)
-		return write_bytes(out, x, (size_t)(rows * cols * sizeof(float)));
+		return write_bytes(out, x,
+				   (size_t)(source.dims.matrices * rows * cols *
+					    sizeof(float)));
 
-	for (uint64_t row = 0; row < rows; row += CHUNK_ROWS) {
-		uint64_t n_rows = rows - row < CHUNK_ROWS ? rows - row
-							  : CHUNK_ROWS;
-		size_t n = (size_t)(n_rows * cols);
-		int rc = entry->type == ENGINE_WEIGHT_Q8_0
-				 ? engine_quantize_q8_0(buffer, x + row * cols, n)
-				 : engine_quantize_q4_0(buffer, x + row * cols, n);
+	for (uint64_t m = 0; m < source.dims.matrices; m++) {
+		for (uint64_t row = 0; row < rows; row += ENGINE_QUANT_GROUP) {
+			const float *first = x + (m * rows + row) * cols;
+			uint64_t n_rows = rows - row < ENGINE_QUANT_GROUP
+						  ? rows - row
+						  : ENGINE_QUANT_GROUP;
+			size_t n = (size_t)(n_rows * cols);
+			int rc = entry->type == ENGINE_WEIGHT_Q8_0
+					 ? engine_quantize_q8_0(blocks, first, n)
+					 : engine_quantize_q4_0(blocks, first, n);
 
-		if (rc < 0) {
-			fprintf(stderr,
-				"slab-quantize: tensor %s, rows %llu to %llu: "
-				"a weight is not finite or a block scale "
-				"exceeds the float16 range; this checkpoint "
-				"cannot be quantized to %s\n",
-				engine_tensor_name(id), (unsigned long long)row,
-				(unsigned long long)(row + n_rows - 1),
-				engine_weight_type_name(entry->type));
-			return -1;
+			if (rc < 0) {
+				fprintf(stderr,
+					"slab-quantize: tensor %s, matrix %llu, "
+					"rows %llu to %llu: a weight is not "
+					"finite or a block scale exceeds the "
+					"float16 range; this checkpoint cannot "
+					"be quantized to %s\n",
+					engine_tensor_name(id),
+					(unsigned long long)m,
+					(unsigned long long)row,
+					(unsigned long long)(row + n_rows - 1),
+					engine_weight_type_name(entry->type));
+				return -1;
+			}
+			engine_pack_group(entry->type, group, blocks,
+					  (int)n_rows, (int)cols);
+			if (write_bytes(out, group,
+					(size_t)engine_matrix_bytes(entry->type,
+								    n_rows,
+								    cols)) < 0)
+				return -1;
 		}
-		if (write_bytes(out, buffer,
-				(size_t)engine_weight_bytes(entry->type, n)) < 0)
-			return -1;
 	}
 	return 0;
 }
@@ -180,22 +196,25 @@ static int write_checkpoint(struct output *out,
 	size_t widest = (size_t)(shape->dim > shape->hidden_dim
 					 ? shape->dim
 					 : shape->hidden_dim);
-	void *buffer = malloc(CHUNK_ROWS * widest * sizeof(float));
+	/* 16 rows of float32 take more bytes than 16 rows of either type. */
+	void *blocks = malloc(ENGINE_QUANT_GROUP * widest * sizeof(float));
+	void *group = malloc(ENGINE_QUANT_GROUP * widest * sizeof(float));
 	int rc = -1;
 
-	if (buffer == NULL) {
+	if (blocks == NULL || group == NULL) {
 		fprintf(stderr, "slab-quantize: out of memory\n");
 		return -1;
 	}
 	if (write_bytes(out, header, sizeof(*header)) < 0)
 		goto out;
 	for (int id = 0; id < ENGINE_TENSOR_COUNT; id++)
-		if (write_tensor(out, model, id, &header->tensors[id],
-				 buffer) < 0)
+		if (write_tensor(out, model, id, &header->tensors[id], blocks,
+				 group) < 0)
 			goto out;
 	rc = 0;
 out:
-	free(buffer);
+	free(blocks);
+	free(group);
 	return rc;
 }
 

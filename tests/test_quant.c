@@ -45,7 +45,6 @@
 /* Quantized model whose logits the dump child writes. */
 #define DUMP_MODEL_VARIABLE "SLAB_TEST_QUANT_MODEL"
 
-#define LANES 16
 #define QK ENGINE_QUANT_BLOCK
 
 /* Greedy ids of the golden file that Q8_0 must reproduce. */
@@ -595,6 +594,7 @@ Test(quant_format, rejects_non_finite_and_huge, .timeout = TEST_TIMEOUT)
 struct activations {
 	int8_t *q;
 	float *d;
+	int32_t *s;
 };
 
 
@@ -604,14 +604,24 @@ static struct activations quantize_activations(const float *x, int n_tokens,
 	struct activations a = {
 		.q = malloc((size_t)n_tokens * (size_t)n),
 		.d = malloc((size_t)n_tokens * (size_t)(n / QK) * sizeof(float)),
+		.s = malloc((size_t)n_tokens * (size_t)(n / QK) * sizeof(int32_t)),
 	};
 
-	cr_assert(a.q != NULL && a.d != NULL);
+	cr_assert(a.q != NULL && a.d != NULL && a.s != NULL);
 	for (int t = 0; t < n_tokens; t++)
 		kernel_quantize_row(a.q + (size_t)t * n,
 				    a.d + (size_t)t * (n / QK),
+				    a.s + (size_t)t * (n / QK),
 				    x + (size_t)t * n, n);
 	return a;
+}
+
+
+static void free_activations(struct activations *a)
+{
+	free(a->q);
+	free(a->d);
+	free(a->s);
 }
 
 
@@ -630,6 +640,46 @@ static void *random_weights(enum engine_weight_type type, int rows, int n,
 		cr_assert_eq(engine_quantize_q4_0(blocks, w, (size_t)rows * n), 0);
 	free(w);
 	return blocks;
+}
+
+
+/*
+ * Packs rows quantized rows of n weights (blocks back to back) into groups
+ * of 16 rows, as a quantized checkpoint stores a matrix.
+ */
+static void *pack_rows(enum engine_weight_type type, const void *blocks,
+		       int rows, int n)
+{
+	size_t row_bytes = (size_t)engine_weight_bytes(type, (uint64_t)n);
+	char *packed = malloc((size_t)engine_matrix_bytes(type, (uint64_t)rows,
+							  (uint64_t)n));
+
+	cr_assert_not_null(packed);
+	for (int r = 0; r < rows; r += ENGINE_QUANT_GROUP) {
+		int n_rows = rows - r < ENGINE_QUANT_GROUP ? rows - r
+							   : ENGINE_QUANT_GROUP;
+
+		engine_pack_group(type,
+				  packed + (size_t)engine_matrix_bytes(
+						   type, (uint64_t)r, (uint64_t)n),
+				  (const char *)blocks + (size_t)r * row_bytes,
+				  n_rows, n);
+	}
+	return packed;
+}
+
+
+/* The kernel's dot product of one quantized row and one activation row. */
+static float quant_row_dot(const void *row, enum engine_weight_type type,
+			const int8_t *xq, const float *xd, const int32_t *xs,
+			int n)
+{
+	void *packed = pack_rows(type, row, 1, n);
+	float out;
+
+	kernel_matmul_quant(&out, 1, xq, xd, xs, 1, packed, type, n, 0, 1);
+	free(packed);
+	return out;
 }
 
 
@@ -687,26 +737,18 @@ static double dot_reference(const void *w, enum engine_weight_type type,
 static float dot_documented_order(const void *w, enum engine_weight_type type,
 				  const int8_t *xq, const float *xd, int n)
 {
-	float acc[LANES] = { 0 };
-	int nb = n / QK;
+	float acc = 0.0f;
 
-	for (int b = 0; b < nb; b++) {
+	for (int b = 0; b < n / QK; b++) {
 		int8_t q[QK];
 		float scale = reference_block(w, type, b, q) * xd[b];
+		int32_t sum = 0;
 
-		for (int j = 0; j < 8; j++) {
-			int32_t sum = 0;
-
-			for (int i = 4 * j; i < 4 * j + 4; i++)
-				sum += q[i] * xq[b * QK + i];
-			acc[(b % 2) * 8 + j] = fmaf(scale, (float)sum,
-						    acc[(b % 2) * 8 + j]);
-		}
+		for (int i = 0; i < QK; i++)
+			sum += q[i] * xq[b * QK + i];
+		acc = fmaf(scale, (float)sum, acc);
 	}
-	for (int width = LANES / 2; width >= 1; width /= 2)
-		for (int j = 0; j < width; j++)
-			acc[j] = acc[j] + acc[j + width];
-	return acc[0];
+	return acc;
 }
 
 
@@ -728,7 +770,7 @@ Test(quant_dot, matches_reference_and_order, .timeout = TEST_TIMEOUT)
 			double scale;
 			double expected = dot_reference(w, type, a.q, a.d, n,
 							&scale);
-			float got = kernel_dot_quant(w, type, a.q, a.d, n);
+			float got = quant_row_dot(w, type, a.q, a.d, a.s, n);
 			float ordered = dot_documented_order(w, type, a.q,
 							     a.d, n);
 
@@ -743,8 +785,7 @@ Test(quant_dot, matches_reference_and_order, .timeout = TEST_TIMEOUT)
 				  (double)got, (double)ordered);
 			free(w);
 			free(x);
-			free(a.q);
-			free(a.d);
+			free_activations(&a);
 		}
 	}
 }
@@ -761,6 +802,7 @@ Test(quant_dot, integer_sums_exact, .timeout = TEST_TIMEOUT)
 	struct engine_block_q8_0 w[BLOCKS];
 	int8_t xq[N];
 	float xd[BLOCKS];
+	int32_t xs[BLOCKS];
 	uint64_t state = 77;
 
 	for (int pattern = 0; pattern < 4; pattern++) {
@@ -769,6 +811,7 @@ Test(quant_dot, integer_sums_exact, .timeout = TEST_TIMEOUT)
 		for (int b = 0; b < BLOCKS; b++) {
 			w[b].d = (_Float16)1.0f;
 			xd[b] = 1.0f;
+			xs[b] = 0;
 			for (int i = 0; i < QK; i++) {
 				int8_t wq, x;
 
@@ -788,11 +831,12 @@ Test(quant_dot, integer_sums_exact, .timeout = TEST_TIMEOUT)
 				}
 				w[b].qs[i] = wq;
 				xq[b * QK + i] = x;
+				xs[b] += x;
 				expected += (int64_t)wq * x;
 			}
 		}
 
-		float got = kernel_dot_quant(w, ENGINE_WEIGHT_Q8_0, xq, xd, N);
+		float got = quant_row_dot(w, ENGINE_WEIGHT_Q8_0, xq, xd, xs, N);
 
 		cr_assert_eq((double)got, (double)expected,
 			     "pattern %d: %.1f, exact integer sum %lld",
@@ -806,19 +850,26 @@ Test(quant_dot, activation_quantization_rule, .timeout = TEST_TIMEOUT)
 	float x[QK];
 	int8_t q[QK];
 	float d;
+	int32_t sum;
 
 	for (int i = 0; i < QK; i++)
 		x[i] = (float)(i - 16) * 0.25f;
-	kernel_quantize_row(q, &d, x, QK);
+	kernel_quantize_row(q, &d, &sum, x, QK);
 	cr_assert_eq(d, 4.0f / 127.0f, "scale is %a, expected %a", (double)d,
 		     (double)(4.0f / 127.0f));
 	cr_assert_eq(q[0], -127);
-	for (int i = 0; i < QK; i++)
+	int32_t expected_sum = 0;
+
+	for (int i = 0; i < QK; i++) {
 		cr_assert_eq(q[i], (int8_t)nearbyintf(x[i] * (1.0f / d)),
 			     "code %d is %d", i, q[i]);
+		expected_sum += q[i];
+	}
+	cr_assert_eq(sum, expected_sum, "sum of codes is %d, expected %d",
+		     sum, expected_sum);
 
 	memset(x, 0, sizeof(x));
-	kernel_quantize_row(q, &d, x, QK);
+	kernel_quantize_row(q, &d, &sum, x, QK);
 	cr_assert_eq(d, 0.0f);
 	for (int i = 0; i < QK; i++)
 		cr_assert_eq(q[i], 0);
@@ -829,7 +880,7 @@ Test(quant_dot, activation_quantization_rule, .timeout = TEST_TIMEOUT)
 	x[2] = -3.5f;
 	x[3] = 0.5f;
 	x[4] = NAN;
-	kernel_quantize_row(q, &d, x, QK);
+	kernel_quantize_row(q, &d, &sum, x, QK);
 	cr_assert_eq(d, 1.0f, "scale is %a, expected 1", (double)d);
 	cr_assert_eq(q[0], 127);
 	cr_assert_eq(q[1], 2, "2.5 became %d, expected 2", q[1]);
@@ -852,20 +903,29 @@ Test(quant_matmul, independent_of_tiling, .timeout = TEST_TIMEOUT)
 	for (size_t k = 0; k < 2; k++) {
 		enum engine_weight_type type = quant_types[k];
 		void *w = random_weights(type, ROWS, N, 400 + k);
+		void *packed = pack_rows(type, w, ROWS, N);
 
-		kernel_matmul_quant(whole, ROWS, a.q, a.d, TOKENS, w, type, N,
-				    0, ROWS);
+		kernel_matmul_quant(whole, ROWS, a.q, a.d, a.s, TOKENS, packed,
+				    type, N, 0, ROWS);
 
-		/* Token by token, and rows in uneven ranges. */
+		/*
+		 * Token by token, and rows in ranges that start at a group
+		 * of 16 and end anywhere: each range is computed, then the
+		 * rest of it again by the next, shorter range.
+		 */
 		for (int t = 0; t < TOKENS; t++) {
-			static const int cuts[] = { 0, 3, 4, 17, 33, ROWS };
+			static const int ranges[][2] = {
+				{ 0, 3 }, { 0, 16 }, { 16, 17 }, { 16, 32 },
+				{ 32, 35 }, { 32, ROWS },
+			};
 
-			for (int c = 0; c + 1 < 6; c++)
+			for (size_t c = 0; c < sizeof(ranges) / sizeof(ranges[0]); c++)
 				kernel_matmul_quant(part + (size_t)t * ROWS,
 						    ROWS, a.q + (size_t)t * N,
 						    a.d + (size_t)t * (N / QK),
-						    1, w, type, N, cuts[c],
-						    cuts[c + 1]);
+						    a.s + (size_t)t * (N / QK),
+						    1, packed, type, N,
+						    ranges[c][0], ranges[c][1]);
 		}
 		for (int i = 0; i < TOKENS * ROWS; i++)
 			cr_assert(memcmp(&whole[i], &part[i], sizeof(float)) == 0,
@@ -878,21 +938,24 @@ Test(quant_matmul, independent_of_tiling, .timeout = TEST_TIMEOUT)
 
 		for (int t = 0; t < TOKENS; t++)
 			for (int r = 0; r < ROWS; r++) {
-				float dot = kernel_dot_quant(
+				float dot = dot_documented_order(
 					(const char *)w + (size_t)r * row_bytes,
 					type, a.q + (size_t)t * N,
 					a.d + (size_t)t * (N / QK), N);
 
 				cr_assert(memcmp(&dot, &whole[t * ROWS + r],
 						 sizeof(float)) == 0,
-					  "%s: token %d row %d",
-					  engine_weight_type_name(type), t, r);
+					  "%s: token %d row %d: %a, documented "
+					  "order gives %a",
+					  engine_weight_type_name(type), t, r,
+					  (double)whole[t * ROWS + r],
+					  (double)dot);
 			}
 		free(w);
+		free(packed);
 	}
 	free(x);
-	free(a.q);
-	free(a.d);
+	free_activations(&a);
 	free(whole);
 	free(part);
 }
@@ -1507,9 +1570,9 @@ Test(quant_bad_files, bad_version, .timeout = TEST_TIMEOUT)
 
 	quant_file_open(&f);
 	h = f.header;
-	h.version = 2;
+	h.version = 1;
 	expect_error(&f, "version.bin", &h, f.len,
-		     NEEDLES("version is 2", "expected 1"));
+		     NEEDLES("version is 1", "expected 2"));
 	quant_file_close(&f);
 }
 
@@ -1547,7 +1610,7 @@ Test(quant_bad_files, offsets_out_of_range, .timeout = TEST_TIMEOUT)
 	h = f.header;
 	h.tensors[ENGINE_TENSOR_W1].size += 34;
 	expect_error(&f, "size.bin", &h, f.len,
-		     NEEDLES("tensor w1", "expected 58480 bytes"));
+		     NEEDLES("tensor w1", "expected 59840 bytes"));
 	quant_file_close(&f);
 }
 
@@ -1694,6 +1757,7 @@ static int write_quant_dump(FILE *out)
 	float x[TOKENS * N], result[TOKENS * ROWS];
 	int8_t xq[TOKENS * N];
 	float xd[TOKENS * N / QK];
+	int32_t xs[TOKENS * N / QK];
 	struct engine_block_q8_0 w8[ROWS * N / QK];
 	struct engine_block_q4_0 w4[ROWS * N / QK];
 	float w[ROWS * N];
@@ -1708,9 +1772,14 @@ static int write_quant_dump(FILE *out)
 	if (engine_quantize_q8_0(w8, w, ROWS * N) < 0 ||
 	    engine_quantize_q4_0(w4, w, ROWS * N) < 0)
 		return -1;
+
+	void *packed8 = pack_rows(ENGINE_WEIGHT_Q8_0, w8, ROWS, N);
+	void *packed4 = pack_rows(ENGINE_WEIGHT_Q4_0, w4, ROWS, N);
+	int rc = -1;
+
 	strncpy(isa, kernel_quant_isa(), sizeof(isa) - 1);
 	if (fwrite(isa, 1, sizeof(isa), out) != sizeof(isa))
-		return -1;
+		goto out;
 
 	/* Activation quantization, with special values in the first rows:
 	 * infinities, NaN, ties, tiny and huge magnitudes. */
@@ -1723,26 +1792,33 @@ static int write_quant_dump(FILE *out)
 	for (int i = 2 * N; i < 2 * N + QK; i++)
 		x[i] = 1e-39f * (float)(i % 7);
 	for (int t = 0; t < TOKENS; t++)
-		kernel_quantize_row(xq + t * N, xd + t * (N / QK), x + t * N, N);
+		kernel_quantize_row(xq + t * N, xd + t * (N / QK),
+				    xs + t * (N / QK), x + t * N, N);
 	if (fwrite(xq, 1, sizeof(xq), out) != sizeof(xq) ||
+	    fwrite(xs, 1, sizeof(xs), out) != sizeof(xs) ||
 	    dump_floats(out, xd, TOKENS * N / QK) < 0)
-		return -1;
+		goto out;
 	for (int i = 0; i < 2 * N + QK; i++)
 		x[i] = next_signed_unit(&state);
 	for (int t = 0; t < TOKENS; t++)
-		kernel_quantize_row(xq + t * N, xd + t * (N / QK), x + t * N, N);
+		kernel_quantize_row(xq + t * N, xd + t * (N / QK),
+				    xs + t * (N / QK), x + t * N, N);
 
 	for (int n_tokens = 1; n_tokens <= TOKENS; n_tokens++) {
-		kernel_matmul_quant(result, ROWS, xq, xd, n_tokens, w8,
+		kernel_matmul_quant(result, ROWS, xq, xd, xs, n_tokens, packed8,
 				    ENGINE_WEIGHT_Q8_0, N, 0, ROWS);
 		if (dump_floats(out, result, (size_t)n_tokens * ROWS) < 0)
-			return -1;
-		kernel_matmul_quant(result, ROWS, xq, xd, n_tokens, w4,
+			goto out;
+		kernel_matmul_quant(result, ROWS, xq, xd, xs, n_tokens, packed4,
 				    ENGINE_WEIGHT_Q4_0, N, 0, ROWS);
 		if (dump_floats(out, result, (size_t)n_tokens * ROWS) < 0)
-			return -1;
+			goto out;
 	}
-	return dump_model_logits(out, model);
+	rc = dump_model_logits(out, model);
+out:
+	free(packed8);
+	free(packed4);
+	return rc;
 }
 
 

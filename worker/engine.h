@@ -138,15 +138,51 @@ _Static_assert(sizeof(struct engine_block_q8_0) == 34, "Q8_0 block size");
 _Static_assert(sizeof(struct engine_block_q4_0) == 18, "Q4_0 block size");
 
 /*
+ * In a quantized checkpoint a matrix is stored packed for the matrix
+ * product: its rows go in groups of 16, the last group filled up with rows
+ * of zeros, and each group is its blocks in order along the row, block b
+ * of all 16 rows together. A group block has the 16 scales, then the codes
+ * in runs of 4 consecutive weights per row, one run of each row after the
+ * other. A vector register thus contains one run of 4 codes for each of 16
+ * rows, and a dot product of 4 bytes per lane yields 16 outputs at once.
+ */
+#define ENGINE_QUANT_GROUP 16
+
+/*
+ * Block b of 16 rows in Q8_0. qs[j][r][i] is weight 4 j + i of row r,
+ * stored as q + 128 (an unsigned byte).
+ */
+struct engine_group_q8_0 {
+	_Float16 d[ENGINE_QUANT_GROUP];
+	uint8_t qs[ENGINE_QUANT_BLOCK / 4][ENGINE_QUANT_GROUP][4];
+};
+
+/*
+ * Block b of 16 rows in Q4_0. qs[m][r][i] has weight 4 m + i of row r in
+ * its low nibble and weight 4 m + 16 + i in its high nibble, each as q + 8.
+ * These are the bytes of the row's engine_block_q4_0, in runs of 4.
+ */
+struct engine_group_q4_0 {
+	_Float16 d[ENGINE_QUANT_GROUP];
+	uint8_t qs[ENGINE_QUANT_BLOCK / 8][ENGINE_QUANT_GROUP][4];
+};
+
+_Static_assert(sizeof(struct engine_group_q8_0) == 16 * 34,
+	       "Q8_0 group block size");
+_Static_assert(sizeof(struct engine_group_q4_0) == 16 * 18,
+	       "Q4_0 group block size");
+
+/*
  * A quantized checkpoint (written by slab-quantize) is this header, then
  * the tensors at the offsets it lists, each 64-byte aligned and in the
  * order of enum engine_tensor_id, the file ending where the last one ends.
+ * Quantized matrices are packed in groups of 16 rows as described above.
  * All fields are little-endian. The RoPE tables of the llama2.c format are
  * not kept, and the classifier is always stored, even when the model
  * shares it with the token embedding (shared_classifier records that).
  */
 #define ENGINE_QUANT_MAGIC 0x57514c53u /* "SLQW" as the first 4 bytes */
-#define ENGINE_QUANT_VERSION 1
+#define ENGINE_QUANT_VERSION 2
 #define ENGINE_QUANT_ALIGN 64
 
 struct engine_quant_tensor {
@@ -180,6 +216,22 @@ _Static_assert(sizeof(struct engine_quant_header) == 48 + 24 * 12,
  * ENGINE_QUANT_BLOCK for the quantized types. Returns 0 for an unknown type.
  */
 uint64_t engine_weight_bytes(enum engine_weight_type type, uint64_t n);
+
+/*
+ * Bytes that a matrix of rows x cols weights takes in this type, packed in
+ * groups of 16 rows for the quantized types (cols a multiple of
+ * ENGINE_QUANT_BLOCK). Returns 0 for an unknown type.
+ */
+uint64_t engine_matrix_bytes(enum engine_weight_type type, uint64_t rows,
+			     uint64_t cols);
+
+/*
+ * Packs rows (1 to 16) quantized rows of cols weights, given back to back
+ * as blocks of type, into cols / 32 group blocks at out. Missing rows of
+ * the group are zeros with scale 0.
+ */
+void engine_pack_group(enum engine_weight_type type, void *out,
+		       const void *blocks, int rows, int cols);
 
 /*
  * Quantizes n floats (a multiple of ENGINE_QUANT_BLOCK) into n / 32 blocks.

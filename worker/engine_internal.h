@@ -48,8 +48,8 @@ static inline struct engine_tensor engine_tensor_matrix(struct engine_tensor t,
 							int index, int rows,
 							int cols)
 {
-	uint64_t bytes = engine_weight_bytes(t.type,
-					     (uint64_t)rows * (uint64_t)cols);
+	uint64_t bytes = engine_matrix_bytes(t.type, (uint64_t)rows,
+					     (uint64_t)cols);
 
 	t.data = (const char *)t.data + (uint64_t)index * bytes;
 	return t;
@@ -114,40 +114,38 @@ const char *kernel_isa(void);
 
 /* ---- Quantized kernels (kernels_quant.c) ----------------------------------
  *
- * A quantized matrix product multiplies Q8_0 or Q4_0 weights by activations
- * quantized per block of 32 to int8 with a float scale (kernel_quantize_row).
- * Every path computes each dot product in this order: blocks are taken in
- * pairs (2m, 2m + 1), a missing last block counting as zeros with scale 0.
- * Lane j of 16 takes block 2m + j / 8 and the exact integer sum s of its
- * four products at positions 4 (j % 8) .. 4 (j % 8) + 3, and does
- * acc[j] = fmaf(dw * dx, (float)s, acc[j]), where dw * dx is the float
- * product of the two block scales. The 16 lanes are then reduced by the tree
- * of kernel_dot. Integer sums are exact and every float operation is fixed,
- * so the AVX-512 VNNI, AVX2 and scalar paths agree bit for bit, whatever the
+ * A quantized matrix product multiplies Q8_0 or Q4_0 weights, packed in
+ * groups of 16 rows (struct engine_group_q8_0, engine_group_q4_0), by
+ * activations quantized per block of 32 to int8 with a float scale
+ * (kernel_quantize_row). Every path computes each output in this order:
+ * acc = 0, then for each block in order along the row,
+ * acc = fmaf((float)s, dw * dx, acc), where s is the exact integer sum of
+ * the block's 32 products and dw * dx the float product of the two block
+ * scales. Integer sums are exact and every float operation is fixed, so the
+ * AVX-512 VNNI, AVX2 and scalar paths agree bit for bit, whatever the
  * tiling of rows and tokens.
  */
 
 /*
- * Quantizes one row x (n), n a multiple of 32, to xq (n) and xd (n / 32).
- * Per block, d = max |x| / 127 and q = x * (1 / d) clamped to [-127, 127]
- * and rounded to nearest even, with q = 0 when d is 0. NaN is left out of
- * the maximum and becomes -127. Every path gives the same bits.
+ * Quantizes one row x (n), n a multiple of 32, to xq (n), the scales
+ * xd (n / 32) and the sums of each block's codes xs (n / 32). Per block,
+ * d = max |x| / 127 and q = x * (1 / d) clamped to [-127, 127] and rounded
+ * to nearest even, with q = 0 when d is 0. NaN is left out of the maximum
+ * and becomes -127. Every path gives the same bits.
  */
-void kernel_quantize_row(int8_t *xq, float *xd, const float *x, int n);
+void kernel_quantize_row(int8_t *xq, float *xd, int32_t *xs, const float *x,
+			 int n);
 
 /*
- * out (n_tokens, rows) = w (rows, n) of type Q8_0 or Q4_0 times the
- * quantized activations xq (n_tokens, n) with scales xd (n_tokens, n / 32),
- * for rows [row_begin, row_end) only. out has row stride out_stride.
+ * out (n_tokens, rows) = w (rows, n) of type Q8_0 or Q4_0, packed in groups
+ * of 16 rows, times the quantized activations xq (n_tokens, n) with scales
+ * xd and sums xs (n_tokens, n / 32), for rows [row_begin, row_end) only.
+ * row_begin must be a multiple of 16. out has row stride out_stride.
  */
 void kernel_matmul_quant(float *out, int out_stride, const int8_t *xq,
-			 const float *xd, int n_tokens, const void *w,
-			 enum engine_weight_type type, int n, int row_begin,
-			 int row_end);
-
-/* Dot product of one quantized row w (n) and one quantized activation row. */
-float kernel_dot_quant(const void *w, enum engine_weight_type type,
-		       const int8_t *xq, const float *xd, int n);
+			 const float *xd, const int32_t *xs, int n_tokens,
+			 const void *w, enum engine_weight_type type, int n,
+			 int row_begin, int row_end);
 
 /* Instruction set of the quantized kernels: "avx512-vnni", "avx2", "scalar". */
 const char *kernel_quant_isa(void);

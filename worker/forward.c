@@ -46,12 +46,14 @@ struct matmul_task {
 	bool swiglu;       /* jobs[0] = silu(jobs[0]) * jobs[1] afterwards */
 	const int8_t *xq;  /* (n_tokens, n) x quantized, for quantized jobs */
 	const float *xd;   /* (n_tokens, n / 32) scales of xq */
+	const int32_t *xs; /* (n_tokens, n / 32) sums of the codes of xq */
 };
 
 /* Rows of activations to quantize, split by tokens among threads. */
 struct quantize_task {
 	int8_t *xq;        /* (n_tokens, n) */
 	float *xd;         /* (n_tokens, n / 32) */
+	int32_t *xs;       /* (n_tokens, n / 32) */
 	const float *x;    /* (n_tokens, n) */
 	int n_tokens;
 	int n;
@@ -79,6 +81,7 @@ struct engine {
 	int8_t *xq;       /* (max_step_tokens, max(dim, hidden_dim)) quantized
 			     input of a product of quantized weights */
 	float *xd;        /* (max_step_tokens, max(dim, hidden_dim) / 32) */
+	int32_t *xs;      /* (max_step_tokens, max(dim, hidden_dim) / 32) */
 	int32_t *token_sequence; /* (max_step_tokens) sequence of each token */
 	int32_t *token_position; /* (max_step_tokens) position of each token */
 
@@ -91,22 +94,32 @@ struct engine {
 };
 
 
+/*
+ * Rows [*begin, *end) of rows that thread ith of nth computes. Ranges are a
+ * multiple of ENGINE_QUANT_GROUP rows, so that tiles and packed groups of
+ * quantized rows stay whole. Returns false when the thread has no rows.
+ */
+static bool thread_rows(int rows, int ith, int nth, int *begin, int *end)
+{
+	int per_thread = (rows + nth - 1) / nth;
+
+	per_thread = (per_thread + ENGINE_QUANT_GROUP - 1) /
+		     ENGINE_QUANT_GROUP * ENGINE_QUANT_GROUP;
+	*begin = ith * per_thread;
+	*end = *begin + per_thread < rows ? *begin + per_thread : rows;
+	return *begin < *end;
+}
+
+
 static void matmul_task_run(void *arg, int ith, int nth)
 {
 	struct matmul_task *task = arg;
 
 	for (int j = 0; j < task->n_jobs; j++) {
 		struct matmul_job *job = &task->jobs[j];
-		int per_thread = (job->rows + nth - 1) / nth;
 		int begin, end;
 
-		/* Keep row ranges a multiple of 4 so tiles stay whole. */
-		per_thread = (per_thread + 3) & ~3;
-		begin = ith * per_thread;
-		end = begin + per_thread;
-		if (end > job->rows)
-			end = job->rows;
-		if (begin >= end)
+		if (!thread_rows(job->rows, ith, nth, &begin, &end))
 			continue;
 		if (job->w.type == ENGINE_WEIGHT_F32)
 			kernel_matmul(job->out, job->rows, job->x,
@@ -114,19 +127,18 @@ static void matmul_task_run(void *arg, int ith, int nth)
 				      begin, end);
 		else
 			kernel_matmul_quant(job->out, job->rows, task->xq,
-					    task->xd, task->n_tokens,
+					    task->xd, task->xs, task->n_tokens,
 					    job->w.data, job->w.type, job->n,
 					    begin, end);
 	}
 
 	if (task->swiglu) {
 		struct matmul_job *gate = &task->jobs[0];
-		int per_thread = ((gate->rows + nth - 1) / nth + 3) & ~3;
-		int begin = ith * per_thread;
-		int end = begin + per_thread > gate->rows ? gate->rows
-							  : begin + per_thread;
+		int begin, end;
 
-		for (int t = 0; t < task->n_tokens && begin < end; t++) {
+		if (!thread_rows(gate->rows, ith, nth, &begin, &end))
+			return;
+		for (int t = 0; t < task->n_tokens; t++) {
 			size_t row = (size_t)t * gate->rows;
 
 			kernel_swiglu(gate->out + row + begin,
@@ -146,9 +158,12 @@ static void quantize_task_run(void *arg, int ith, int nth)
 	int end = begin + per_thread > task->n_tokens ? task->n_tokens
 						      : begin + per_thread;
 
+	size_t blocks = (size_t)(task->n / ENGINE_QUANT_BLOCK);
+
 	for (int t = begin; t < end; t++)
 		kernel_quantize_row(task->xq + (size_t)t * task->n,
-				    task->xd + (size_t)t * (task->n / ENGINE_QUANT_BLOCK),
+				    task->xd + (size_t)t * blocks,
+				    task->xs + (size_t)t * blocks,
 				    task->x + (size_t)t * task->n, task->n);
 }
 
@@ -169,6 +184,7 @@ static void run_matmuls(struct engine *engine, struct matmul_task *task)
 		struct quantize_task quantize = {
 			.xq = engine->xq,
 			.xd = engine->xd,
+			.xs = engine->xs,
 			.x = task->jobs[0].x,
 			.n_tokens = task->n_tokens,
 			.n = task->jobs[0].n,
@@ -185,6 +201,7 @@ static void run_matmuls(struct engine *engine, struct matmul_task *task)
 					&quantize);
 		task->xq = engine->xq;
 		task->xd = engine->xd;
+		task->xs = engine->xs;
 	}
 	if (work < PARALLEL_MIN_WORK)
 		matmul_task_run(task, 0, 1);
@@ -847,8 +864,10 @@ int engine_create(const struct engine_model *model,
 
 	engine->xq = calloc(tokens * widest, 1);
 	engine->xd = alloc_floats(tokens * (widest / 32 + 1), &failed);
+	engine->xs = calloc(tokens * (widest / 32 + 1), sizeof(int32_t));
 	if (failed || engine->token_sequence == NULL ||
-	    engine->token_position == NULL || engine->xq == NULL) {
+	    engine->token_position == NULL || engine->xq == NULL ||
+	    engine->xs == NULL) {
 		rc = -ENOMEM;
 		engine_fail(err, "cannot allocate scratch buffers for %zu "
 			    "tokens per step and %zu positions",
@@ -893,5 +912,6 @@ void engine_destroy(struct engine *engine)
 	free(engine->token_position);
 	free(engine->xq);
 	free(engine->xd);
+	free(engine->xs);
 	free(engine);
 }

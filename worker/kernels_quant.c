@@ -1,38 +1,30 @@
 /*
- * Matrix products of quantized weights (Q8_0, Q4_0) and activations
- * quantized per block of 32 to int8, with AVX-512 VNNI, AVX2 and scalar
- * paths chosen once at start-up (SLAB_ISA=scalar|avx2 forces one, as for
- * the float32 kernels).
+ * Matrix products of quantized weights (Q8_0, Q4_0), packed in groups of
+ * 16 rows, and activations quantized per block of 32 to int8, with
+ * AVX-512 VNNI, AVX2 and scalar paths chosen once at start-up
+ * (SLAB_ISA=scalar|avx2 forces one, as for the float32 kernels).
  *
- * Determinism rule, stated in full in engine_internal.h: each dot product
- * runs over pairs of blocks in 16 float lanes. Lane j takes the exact
- * integer sum of four products of block 2m + j / 8 and adds it, times the
- * product of the two block scales, with one fused multiply-add. The lanes
- * are then reduced by the fixed tree of kernel_dot. Integer sums are exact
- * on every path, so the paths agree bit for bit and no result depends on
- * how rows or tokens are tiled.
+ * Determinism rule, stated in full in engine_internal.h: each output adds
+ * its blocks in order, each as the exact integer sum of its 32 products
+ * times the product of the two block scales, with one fused multiply-add.
+ * A register contains 16 rows, one lane each, so the SIMD paths follow that
+ * order lane by lane with no reduction across lanes. Integer sums are
+ * exact on every path, so the paths agree bit for bit and no result
+ * depends on how rows or tokens are tiled.
  */
 #include "worker/engine_internal.h"
 
 #include <immintrin.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define LANES 16
 #define QK ENGINE_QUANT_BLOCK
+#define GROUP ENGINE_QUANT_GROUP
 
 /* Rows per cache block of a prefill, as in kernels.c. */
 #define ROW_BLOCK_BYTES (192 * 1024)
-
-/*
- * Distance ahead of the current block at which each row is prefetched.
- * Rows are stored back to back, so the prefetches of a tile together run
- * this far ahead in the weights, reaching into later tiles when a row is
- * short. Measured single-thread on a 2-core AVX-512 AMD EPYC, Q8_0 with
- * 768-wide rows streamed 21 GB/s at 512 bytes and 30 GB/s at 8 KB.
- */
-#define PREFETCH_BYTES 8192
 
 enum quant_isa {
 	QUANT_SCALAR,
@@ -95,7 +87,8 @@ static float clamp_round(float v)
 }
 
 
-static void quantize_row_scalar(int8_t *xq, float *xd, const float *x, int n)
+static void quantize_row_scalar(int8_t *xq, float *xd, int32_t *xs,
+				const float *x, int n)
 {
 	for (int b = 0; b < n / QK; b++) {
 		const float *v = x + (size_t)b * QK;
@@ -108,95 +101,97 @@ static void quantize_row_scalar(int8_t *xq, float *xd, const float *x, int n)
 		float d = amax / 127.0f;
 		float id = d != 0.0f ? 1.0f / d : 0.0f;
 
+		int32_t sum = 0;
+
 		xd[b] = d;
-		for (int i = 0; i < QK; i++)
+		for (int i = 0; i < QK; i++) {
 			xq[(size_t)b * QK + i] = (int8_t)clamp_round(v[i] * id);
+			sum += xq[(size_t)b * QK + i];
+		}
+		xs[b] = sum;
 	}
+}
+
+
+/* ---- Packed group blocks ------------------------------------------------- */
+
+/* Bytes of one group block: 16 scales and the codes of 16 rows. */
+static inline size_t group_block_bytes(enum engine_weight_type type)
+{
+	return type == ENGINE_WEIGHT_Q8_0 ? sizeof(struct engine_group_q8_0)
+					  : sizeof(struct engine_group_q4_0);
+}
+
+
+/* Bytes from the start of a group block to its codes. */
+#define CODES_OFFSET (GROUP * sizeof(_Float16))
+
+_Static_assert(offsetof(struct engine_group_q8_0, qs) == CODES_OFFSET &&
+		       offsetof(struct engine_group_q4_0, qs) == CODES_OFFSET,
+	       "group blocks start with their 16 scales");
+
+/* Stored codes are q + bias: 128 for Q8_0, 8 for Q4_0. */
+static inline int32_t code_bias(enum engine_weight_type type)
+{
+	return type == ENGINE_WEIGHT_Q8_0 ? 128 : 8;
 }
 
 
 /* ---- Scalar path --------------------------------------------------------- */
 
-static float reduce_lanes(const float *acc)
+/* Stored code of weight k of row r in a group block. */
+static int32_t stored_code(const void *block, enum engine_weight_type type,
+			   int r, int k)
 {
-	float r8[8], r4[4], r2[2];
+	if (type == ENGINE_WEIGHT_Q8_0)
+		return ((const struct engine_group_q8_0 *)block)->qs[k / 4][r][k % 4];
 
-	for (int j = 0; j < 8; j++)
-		r8[j] = acc[j] + acc[j + 8];
-	for (int j = 0; j < 4; j++)
-		r4[j] = r8[j] + r8[j + 4];
-	for (int j = 0; j < 2; j++)
-		r2[j] = r4[j] + r4[j + 2];
-	return r2[0] + r2[1];
-}
+	uint8_t byte = ((const struct engine_group_q4_0 *)block)
+			       ->qs[(k % 16) / 4][r][k % 4];
 
-
-/* Unpacks block b of a row into 32 int8 weights and returns its scale. */
-static float unpack_block(const void *w, enum engine_weight_type type, int b,
-			  int8_t *q)
-{
-	if (type == ENGINE_WEIGHT_Q8_0) {
-		const struct engine_block_q8_0 *block =
-			(const struct engine_block_q8_0 *)w + b;
-
-		memcpy(q, block->qs, QK);
-		return (float)block->d;
-	}
-
-	const struct engine_block_q4_0 *block =
-		(const struct engine_block_q4_0 *)w + b;
-
-	for (int j = 0; j < QK / 2; j++) {
-		q[j] = (int8_t)((block->qs[j] & 15) - 8);
-		q[j + QK / 2] = (int8_t)((block->qs[j] >> 4) - 8);
-	}
-	return (float)block->d;
-}
-
-
-static float dot_quant_scalar(const void *w, enum engine_weight_type type,
-			      const int8_t *xq, const float *xd, int n)
-{
-	float acc[LANES] = { 0 };
-	int nb = n / QK;
-
-	for (int pair = 0; pair < nb; pair += 2) {
-		for (int half = 0; half < 2; half++) {
-			int b = pair + half;
-			int32_t sums[8] = { 0 };
-			float scale = 0.0f;
-
-			if (b < nb) {
-				int8_t q[QK];
-				float dw = unpack_block(w, type, b, q);
-
-				scale = dw * xd[b];
-				for (int i = 0; i < QK; i++)
-					sums[i / 4] += q[i] *
-						       xq[(size_t)b * QK + i];
-			}
-			for (int j = 0; j < 8; j++)
-				acc[half * 8 + j] = fmaf(scale, (float)sums[j],
-							 acc[half * 8 + j]);
-		}
-	}
-	return reduce_lanes(acc);
+	return k < 16 ? byte & 15 : byte >> 4;
 }
 
 
 static void matmul_quant_scalar(float *out, int out_stride, const int8_t *xq,
-				const float *xd, int n_tokens, const void *w,
+				const float *xd, const int32_t *xs,
+				int n_tokens, const void *w,
 				enum engine_weight_type type, int n,
 				int row_begin, int row_end)
 {
-	size_t row_bytes = (size_t)engine_weight_bytes(type, (uint64_t)n);
+	const int nb = n / QK;
+	const size_t block_bytes = group_block_bytes(type);
+	const int32_t bias = code_bias(type);
 
-	for (int i = row_begin; i < row_end; i++)
-		for (int t = 0; t < n_tokens; t++)
-			out[(size_t)t * out_stride + i] = dot_quant_scalar(
-				(const char *)w + (size_t)i * row_bytes, type,
-				xq + (size_t)t * n, xd + (size_t)t * (n / QK),
-				n);
+	for (int first = row_begin; first < row_end; first += GROUP) {
+		const char *group = (const char *)w +
+				    (size_t)(first / GROUP) * nb * block_bytes;
+		int rows = row_end - first < GROUP ? row_end - first : GROUP;
+
+		for (int t = 0; t < n_tokens; t++) {
+			const int8_t *x = xq + (size_t)t * n;
+			float acc[GROUP] = { 0 };
+
+			for (int b = 0; b < nb; b++) {
+				const char *block = group + (size_t)b * block_bytes;
+				_Float16 dw[GROUP];
+				float dx = xd[(size_t)t * nb + b];
+
+				memcpy(dw, block, sizeof(dw));
+				for (int r = 0; r < rows; r++) {
+					int32_t sum = -bias * xs[(size_t)t * nb + b];
+
+					for (int k = 0; k < QK; k++)
+						sum += stored_code(block, type, r, k) *
+						       x[b * QK + k];
+					acc[r] = fmaf((float)sum, (float)dw[r] * dx,
+						      acc[r]);
+				}
+			}
+			for (int r = 0; r < rows; r++)
+				out[(size_t)t * out_stride + first + r] = acc[r];
+		}
+	}
 }
 
 
@@ -206,395 +201,340 @@ static void matmul_quant_scalar(float *out, int out_stride, const int8_t *xq,
 #define TARGET_AVX512 \
 	__attribute__((target("avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c")))
 
-/* Unpacks the 32 stored codes (q + 8, in [0, 15]) of a Q4_0 block, in order. */
-TARGET_AVX2 static inline __m256i unpack_q4_0_codes(const struct engine_block_q4_0 *b)
+/* The 4 activation codes of run j of block b, as one int32. */
+static inline int32_t activation_run(const int8_t *x, int b, int j)
 {
-	const __m128i low_nibbles = _mm_set1_epi8(15);
-	__m128i raw = _mm_loadu_si128((const __m128i *)b->qs);
-	__m128i lo = _mm_and_si128(raw, low_nibbles);
-	__m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_nibbles);
+	int32_t run;
 
-	return _mm256_set_m128i(hi, lo);
-}
-
-
-/* Unpacks one Q4_0 block into 32 int8 weights in [-8, 7], in order. */
-TARGET_AVX2 static inline __m256i unpack_q4_0(const struct engine_block_q4_0 *b)
-{
-	return _mm256_sub_epi8(unpack_q4_0_codes(b), _mm256_set1_epi8(8));
-}
-
-
-/* Returns block b of a row as 32 int8 weights and stores its scale. */
-TARGET_AVX2 static inline __m256i load_block(const void *w,
-					     enum engine_weight_type type,
-					     int b, float *d)
-{
-	if (type == ENGINE_WEIGHT_Q8_0) {
-		const struct engine_block_q8_0 *block =
-			(const struct engine_block_q8_0 *)w + b;
-
-		*d = (float)block->d;
-		return _mm256_loadu_si256((const __m256i *)block->qs);
-	}
-
-	const struct engine_block_q4_0 *block =
-		(const struct engine_block_q4_0 *)w + b;
-
-	*d = (float)block->d;
-	return unpack_q4_0(block);
-}
-
-
-/* ---- AVX2 path: lanes 0-7 and 8-15 in two registers, maddubs ------------ */
-
-TARGET_AVX2 static inline float reduce_avx2(__m256 lo, __m256 hi)
-{
-	__m256 r8 = _mm256_add_ps(lo, hi);
-	__m128 r4 = _mm_add_ps(_mm256_castps256_ps128(r8),
-			       _mm256_extractf128_ps(r8, 1));
-	__m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
-	__m128 r1 = _mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1));
-
-	return _mm_cvtss_f32(r1);
+	memcpy(&run, x + (size_t)b * QK + 4 * j, sizeof(run));
+	return run;
 }
 
 
 /*
- * Computes an R x T tile of quantized dot products. Products of one block
- * are summed exactly: maddubs multiplies |w| (at most 128) by x with the
- * sign of w (at most 127 in magnitude) and adds pairs without reaching the
- * int16 limit, and madd adds those pairs into int32 lanes of 4 bytes.
+ * Groups of rows per cache block of a prefill: every token runs through
+ * about ROW_BLOCK_BYTES of weights before the next block is read.
+ */
+static int groups_per_row_block(size_t group_bytes)
+{
+	size_t groups = ROW_BLOCK_BYTES / group_bytes;
+
+	return groups < 4 ? 4 : (int)(groups & ~(size_t)3);
+}
+
+
+/* ---- AVX2 path: 8 rows per register, maddubs ----------------------------- */
+
+/*
+ * Computes one group of rows for T tokens, rows 0-7 and 8-15 in two
+ * registers. Products of one run are summed exactly: for Q8_0, maddubs
+ * multiplies |w| (at most 128) by x with the sign of w (at most 127 in
+ * magnitude), and for Q4_0 the code (at most 15) by x; pairs stay below
+ * the int16 limit and madd adds them into int32 lanes of 4 bytes. Stores
+ * the first rows (1 to 16) outputs of each token.
  */
 TARGET_AVX2 __attribute__((always_inline)) static inline void
 tile_quant_avx2(float *out, int out_stride, const int8_t *xq, const float *xd,
-		const char *w, size_t row_bytes, enum engine_weight_type type,
-		int n, int R, int T)
+		const int32_t *xs, const char *group,
+		enum engine_weight_type type, int n, int rows, int T)
 {
 	const __m256i ones = _mm256_set1_epi16(1);
+	const __m256i low_nibbles = _mm256_set1_epi8(15);
 	const int nb = n / QK;
-	__m256 acc[2][2][2];
+	const size_t block_bytes = group_block_bytes(type);
+	__m256 acc[2][2];
 
-	for (int r = 0; r < R; r++)
+	for (int h = 0; h < 2; h++)
 		for (int t = 0; t < T; t++)
-			acc[r][t][0] = acc[r][t][1] = _mm256_setzero_ps();
+			acc[h][t] = _mm256_setzero_ps();
 
 	for (int b = 0; b < nb; b++) {
-		int half = b & 1;
-		__m256i x[2];
+		const char *block = group + (size_t)b * block_bytes;
+		const char *codes = block + CODES_OFFSET;
+		__m256i sums[2][2];
 
-		for (int t = 0; t < T; t++)
-			x[t] = _mm256_loadu_si256(
-				(const __m256i *)(xq + (size_t)t * n +
-						  (size_t)b * QK));
-		for (int r = 0; r < R; r++) {
-			float dw;
-			__m256i q = load_block(w + (size_t)r * row_bytes, type,
-					       b, &dw);
-			__m256i magnitude = _mm256_sign_epi8(q, q);
+		for (int t = 0; t < T; t++) {
+			/* Q8_0 goes in as signed weights, Q4_0 as codes. */
+			__m256i start = type == ENGINE_WEIGHT_Q8_0
+						? _mm256_setzero_si256()
+						: _mm256_set1_epi32(
+							  -8 * xs[(size_t)t * nb + b]);
+
+			sums[0][t] = sums[1][t] = start;
+		}
+		if (type == ENGINE_WEIGHT_Q8_0) {
+			for (int j = 0; j < QK / 4; j++)
+				for (int h = 0; h < 2; h++) {
+					__m256i q = _mm256_xor_si256(
+						_mm256_loadu_si256(
+							(const __m256i *)(codes + 64 * j +
+									  32 * h)),
+						_mm256_set1_epi8((char)0x80));
+					__m256i magnitude = _mm256_sign_epi8(q, q);
+
+					for (int t = 0; t < T; t++) {
+						__m256i x = _mm256_set1_epi32(
+							activation_run(
+								xq + (size_t)t * n,
+								b, j));
+						__m256i products = _mm256_madd_epi16(
+							_mm256_maddubs_epi16(
+								magnitude,
+								_mm256_sign_epi8(x, q)),
+							ones);
+
+						sums[h][t] = _mm256_add_epi32(
+							sums[h][t], products);
+					}
+				}
+		} else {
+			for (int m = 0; m < QK / 8; m++)
+				for (int h = 0; h < 2; h++) {
+					__m256i packed = _mm256_loadu_si256(
+						(const __m256i *)(codes + 64 * m +
+								  32 * h));
+					__m256i lo = _mm256_and_si256(packed,
+								      low_nibbles);
+					__m256i hi = _mm256_and_si256(
+						_mm256_srli_epi16(packed, 4),
+						low_nibbles);
+
+					for (int t = 0; t < T; t++) {
+						const int8_t *x = xq + (size_t)t * n;
+						__m256i products = _mm256_add_epi32(
+							_mm256_madd_epi16(
+								_mm256_maddubs_epi16(
+									lo,
+									_mm256_set1_epi32(
+										activation_run(
+											x, b,
+											m))),
+								ones),
+							_mm256_madd_epi16(
+								_mm256_maddubs_epi16(
+									hi,
+									_mm256_set1_epi32(
+										activation_run(
+											x, b,
+											m + 4))),
+								ones));
+
+						sums[h][t] = _mm256_add_epi32(
+							sums[h][t], products);
+					}
+				}
+		}
+
+		for (int h = 0; h < 2; h++) {
+			__m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(
+				(const __m128i *)(block + 16 * h)));
 
 			for (int t = 0; t < T; t++) {
-				__m256i signed_x = _mm256_sign_epi8(x[t], q);
-				__m256i sums = _mm256_madd_epi16(
-					_mm256_maddubs_epi16(magnitude,
-							     signed_x),
-					ones);
-				__m256 scale = _mm256_set1_ps(
-					dw * xd[(size_t)t * nb + b]);
+				__m256 scale = _mm256_mul_ps(
+					dw, _mm256_set1_ps(xd[(size_t)t * nb + b]));
 
-				acc[r][t][half] = _mm256_fmadd_ps(
-					scale, _mm256_cvtepi32_ps(sums),
-					acc[r][t][half]);
+				acc[h][t] = _mm256_fmadd_ps(
+					_mm256_cvtepi32_ps(sums[h][t]), scale,
+					acc[h][t]);
 			}
 		}
 	}
 
-	for (int r = 0; r < R; r++)
-		for (int t = 0; t < T; t++)
-			out[(size_t)t * out_stride + r] =
-				reduce_avx2(acc[r][t][0], acc[r][t][1]);
+	for (int t = 0; t < T; t++) {
+		float *o = out + (size_t)t * out_stride;
+
+		if (rows >= GROUP) {
+			_mm256_storeu_ps(o, acc[0][t]);
+			_mm256_storeu_ps(o + 8, acc[1][t]);
+		} else {
+			float all[GROUP];
+
+			_mm256_storeu_ps(all, acc[0][t]);
+			_mm256_storeu_ps(all + 8, acc[1][t]);
+			memcpy(o, all, (size_t)rows * sizeof(float));
+		}
+	}
 }
 
 
 TARGET_AVX2 static void
 matmul_quant_avx2(float *out, int out_stride, const int8_t *xq,
-		  const float *xd, int n_tokens, const void *w,
-		  enum engine_weight_type type, int n, int row_begin,
-		  int row_end)
+		  const float *xd, const int32_t *xs, int n_tokens,
+		  const void *w, enum engine_weight_type type, int n,
+		  int row_begin, int row_end)
 {
-	size_t row_bytes = (size_t)engine_weight_bytes(type, (uint64_t)n);
-	size_t x_scales = (size_t)(n / QK);
-	int i = row_begin;
+	const int nb = n / QK;
+	const size_t group_bytes = (size_t)nb * group_block_bytes(type);
 
-	for (; i + 2 <= row_end; i += 2) {
-		const char *wi = (const char *)w + (size_t)i * row_bytes;
+	for (int first = row_begin; first < row_end; first += GROUP) {
+		const char *group = (const char *)w +
+				    (size_t)(first / GROUP) * group_bytes;
+		int rows = row_end - first;
 		int t = 0;
 
 		for (; t + 2 <= n_tokens; t += 2)
-			tile_quant_avx2(out + (size_t)t * out_stride + i,
+			tile_quant_avx2(out + (size_t)t * out_stride + first,
 					out_stride, xq + (size_t)t * n,
-					xd + (size_t)t * x_scales, wi,
-					row_bytes, type, n, 2, 2);
+					xd + (size_t)t * nb, xs + (size_t)t * nb,
+					group, type, n, rows, 2);
 		for (; t < n_tokens; t++)
-			tile_quant_avx2(out + (size_t)t * out_stride + i,
+			tile_quant_avx2(out + (size_t)t * out_stride + first,
 					out_stride, xq + (size_t)t * n,
-					xd + (size_t)t * x_scales, wi,
-					row_bytes, type, n, 2, 1);
-	}
-	for (; i < row_end; i++) {
-		const char *wi = (const char *)w + (size_t)i * row_bytes;
-
-		for (int t = 0; t < n_tokens; t++)
-			tile_quant_avx2(out + (size_t)t * out_stride + i,
-					out_stride, xq + (size_t)t * n,
-					xd + (size_t)t * x_scales, wi,
-					row_bytes, type, n, 1, 1);
+					xd + (size_t)t * nb, xs + (size_t)t * nb,
+					group, type, n, rows, 1);
 	}
 }
 
 
-/* ---- AVX-512 VNNI path: 16 lanes, two blocks per register --------------- */
-
-TARGET_AVX512 static inline float reduce_avx512(__m512 acc)
-{
-	__m256 r8 = _mm256_add_ps(_mm512_castps512_ps256(acc),
-				  _mm512_extractf32x8_ps(acc, 1));
-	__m128 r4 = _mm_add_ps(_mm256_castps256_ps128(r8),
-			       _mm256_extractf128_ps(r8, 1));
-	__m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
-	__m128 r1 = _mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1));
-
-	return _mm_cvtss_f32(r1);
-}
-
+/* ---- AVX-512 VNNI path: 16 rows per register, vpdpbusd ------------------- */
 
 /*
- * Returns block b of a row as 32 unsigned bytes w + bias and stores its
- * scale: bias 128 for Q8_0 (w xor 0x80), and 8 for Q4_0, whose stored codes
- * already are w + 8.
- */
-TARGET_AVX2 static inline __m256i load_block_biased(const void *w,
-						    enum engine_weight_type type,
-						    int b, float *d)
-{
-	if (type == ENGINE_WEIGHT_Q8_0) {
-		const struct engine_block_q8_0 *block =
-			(const struct engine_block_q8_0 *)w + b;
-
-		*d = (float)block->d;
-		return _mm256_xor_si256(
-			_mm256_loadu_si256((const __m256i *)block->qs),
-			_mm256_set1_epi8((char)0x80));
-	}
-
-	const struct engine_block_q4_0 *block =
-		(const struct engine_block_q4_0 *)w + b;
-
-	*d = (float)block->d;
-	return unpack_q4_0_codes(block);
-}
-
-
-/* Returns the float16 bits of the scale of block b of a row. */
-static inline uint16_t block_scale_bits(const void *w,
-					enum engine_weight_type type, int b)
-{
-	uint16_t bits;
-
-	if (type == ENGINE_WEIGHT_Q8_0)
-		memcpy(&bits, &((const struct engine_block_q8_0 *)w + b)->d,
-		       sizeof(bits));
-	else
-		memcpy(&bits, &((const struct engine_block_q4_0 *)w + b)->d,
-		       sizeof(bits));
-	return bits;
-}
-
-
-/*
- * Returns the blocks b and b + 1 of a row as 64 unsigned bytes w + bias, as
- * load_block_biased does for one block. For Q4_0 the two blocks' packed
- * bytes share one register: the low nibbles of both and the high nibbles of
- * both, then a shuffle of 128-bit parts puts them in block order.
- */
-TARGET_AVX512 static inline __m512i load_pair_biased(const void *w,
-						     enum engine_weight_type type,
-						     int b)
-{
-	if (type == ENGINE_WEIGHT_Q8_0) {
-		const struct engine_block_q8_0 *block =
-			(const struct engine_block_q8_0 *)w + b;
-		__m512i q = _mm512_inserti64x4(
-			_mm512_castsi256_si512(_mm256_loadu_si256(
-				(const __m256i *)block[0].qs)),
-			_mm256_loadu_si256((const __m256i *)block[1].qs), 1);
-
-		return _mm512_xor_si512(q, _mm512_set1_epi8((char)0x80));
-	}
-
-	const struct engine_block_q4_0 *block =
-		(const struct engine_block_q4_0 *)w + b;
-	__m256i packed = _mm256_inserti128_si256(
-		_mm256_castsi128_si256(
-			_mm_loadu_si128((const __m128i *)block[0].qs)),
-		_mm_loadu_si128((const __m128i *)block[1].qs), 1);
-	/* 128-bit parts: low nibbles of b, of b + 1, high of b, of b + 1. */
-	__m512i nibbles = _mm512_inserti64x4(_mm512_castsi256_si512(packed),
-					     _mm256_srli_epi16(packed, 4), 1);
-
-	nibbles = _mm512_shuffle_i64x2(nibbles, nibbles,
-				       _MM_SHUFFLE(3, 1, 2, 0));
-	return _mm512_and_si512(nibbles, _mm512_set1_epi8(15));
-}
-
-
-/*
- * Adds the block pair (b, b + 1) of R rows and T tokens to acc. The second
- * block is absent (zeros with scale 0) when pair is false. vpdpbusd
- * multiplies unsigned by signed bytes, so the weights go in as w + bias and
- * the activations as they are. The accumulator starts at -bias times each
- * lane's sum of activations, which leaves the exact sum of w x (at most
- * 4 * 255 * 127 in magnitude before the correction).
- *
- * One instruction converts the float16 scales of the R rows, in the order
- * (row 0, b), (row 0, b + 1), (row 1, b) and so on. They are multiplied by
- * the activation scales and then spread to the lanes of each row by a
- * permutation. Each product is the same float as one row at a time gives.
- */
-TARGET_AVX512 __attribute__((always_inline)) static inline void
-pair_step_avx512(__m512 acc[4][4], const int8_t *xq, const float *xd,
-		 const char *w, size_t row_bytes, enum engine_weight_type type,
-		 int n, int b, bool pair, int R, int T)
-{
-	const __m512i ones = _mm512_set1_epi8(1);
-	const int bias_shift = type == ENGINE_WEIGHT_Q8_0 ? 7 : 3;
-	const int nb = n / QK;
-	__m512i x[4], correction[4];
-	__m256 dx[4];
-
-#pragma GCC unroll 4
-	for (int t = 0; t < T; t++) {
-		const int8_t *xt = xq + (size_t)t * n + (size_t)b * QK;
-		const float *dt = xd + (size_t)t * nb + b;
-		__m512i sums;
-		__m128 dx_pair;
-
-		x[t] = pair ? _mm512_loadu_si512(xt)
-			    : _mm512_zextsi256_si512(
-				      _mm256_loadu_si256((const __m256i *)xt));
-		sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, x[t]);
-		correction[t] = _mm512_sub_epi32(
-			_mm512_setzero_si512(),
-			_mm512_slli_epi32(sums, bias_shift));
-		/* dx is (dt[0], dt[1]) four times, with 0 for an absent dt[1]. */
-		dx_pair = pair ? _mm_castsi128_ps(
-					 _mm_loadl_epi64((const __m128i *)dt))
-			       : _mm_load_ss(dt);
-		dx[t] = _mm256_castpd_ps(
-			_mm256_broadcastsd_pd(_mm_castps_pd(dx_pair)));
-	}
-
-	__m128i scale_bits = _mm_setzero_si128();
-
-#pragma GCC unroll 4
-	for (int r = 0; r < R; r++) {
-		const char *wr = w + (size_t)r * row_bytes;
-
-		scale_bits = _mm_insert_epi16(scale_bits,
-					      block_scale_bits(wr, type, b),
-					      2 * r);
-		if (pair)
-			scale_bits = _mm_insert_epi16(
-				scale_bits, block_scale_bits(wr, type, b + 1),
-				2 * r + 1);
-	}
-
-	__m256 dw = _mm256_cvtph_ps(scale_bits);
-	__m256 scales[4];
-
-#pragma GCC unroll 4
-	for (int t = 0; t < T; t++)
-		scales[t] = _mm256_mul_ps(dw, dx[t]);
-
-#pragma GCC unroll 4
-	for (int r = 0; r < R; r++) {
-		const char *wr = w + (size_t)r * row_bytes;
-		/* Lanes 0-7 take scale 2r (block b), lanes 8-15 scale 2r + 1. */
-		const __m512i spread = _mm512_set_epi32(
-			2 * r + 1, 2 * r + 1, 2 * r + 1, 2 * r + 1, 2 * r + 1,
-			2 * r + 1, 2 * r + 1, 2 * r + 1, 2 * r, 2 * r, 2 * r,
-			2 * r, 2 * r, 2 * r, 2 * r, 2 * r);
-		__m512i q;
-
-		_mm_prefetch(wr + (size_t)b * (row_bytes / nb) + PREFETCH_BYTES,
-			     _MM_HINT_T0);
-		if (pair)
-			q = load_pair_biased(wr, type, b);
-		else
-			q = _mm512_zextsi256_si512(
-				load_block_biased(wr, type, b, &(float){ 0 }));
-
-#pragma GCC unroll 4
-		for (int t = 0; t < T; t++) {
-			__m512i sums = _mm512_dpbusd_epi32(correction[t], q,
-							   x[t]);
-			__m512 scale = _mm512_permutexvar_ps(
-				spread, _mm512_castps256_ps512(scales[t]));
-
-			acc[r][t] = _mm512_fmadd_ps(scale,
-						    _mm512_cvtepi32_ps(sums),
-						    acc[r][t]);
-		}
-	}
-}
-
-
-/*
- * Computes an R x T tile of quantized dot products. Called with constant
- * R, T and type so that the accumulators stay in registers.
+ * Computes G groups of rows for T tokens. vpdpbusd multiplies the stored
+ * codes (unsigned, q + bias) by the activations (signed) and adds each
+ * run of 4 into an int32 lane. Each lane starts at -bias times the block's
+ * sum of activation codes, so it ends at the exact sum of q x. Stores the first rows
+ * outputs of each token (all 16 G when rows is at least that).
  */
 TARGET_AVX512 __attribute__((always_inline)) static inline void
 tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
-		  const float *xd, const char *w, size_t row_bytes,
-		  enum engine_weight_type type, int n, int R, int T)
+		  const float *xd, const int32_t *xs, const char *w,
+		  size_t group_bytes, enum engine_weight_type type, int n,
+		  int rows, int G, int T)
 {
+	const __m512i low_nibbles = _mm512_set1_epi8(15);
 	const int nb = n / QK;
+	const size_t block_bytes = group_block_bytes(type);
+	const int32_t bias = code_bias(type);
 	__m512 acc[4][4];
-	int b = 0;
 
 #pragma GCC unroll 4
-	for (int r = 0; r < R; r++)
+	for (int g = 0; g < G; g++)
 #pragma GCC unroll 4
 		for (int t = 0; t < T; t++)
-			acc[r][t] = _mm512_setzero_ps();
+			acc[g][t] = _mm512_setzero_ps();
 
-	for (; b + 2 <= nb; b += 2)
-		pair_step_avx512(acc, xq, xd, w, row_bytes, type, n, b, true,
-				 R, T);
-	if (b < nb)
-		pair_step_avx512(acc, xq, xd, w, row_bytes, type, n, b, false,
-				 R, T);
+	for (int b = 0; b < nb; b++) {
+		const char *block[4];
+		__m512i sums[4][4];
 
 #pragma GCC unroll 4
-	for (int r = 0; r < R; r++)
+		for (int g = 0; g < G; g++)
+			block[g] = w + (size_t)g * group_bytes +
+				   (size_t)b * block_bytes;
 #pragma GCC unroll 4
-		for (int t = 0; t < T; t++)
-			out[(size_t)t * out_stride + r] = reduce_avx512(acc[r][t]);
+		for (int t = 0; t < T; t++) {
+			__m512i start = _mm512_set1_epi32(
+				-bias * xs[(size_t)t * nb + b]);
+
+#pragma GCC unroll 4
+			for (int g = 0; g < G; g++)
+				sums[g][t] = start;
+		}
+
+		if (type == ENGINE_WEIGHT_Q8_0) {
+#pragma GCC unroll 8
+			for (int j = 0; j < QK / 4; j++) {
+				__m512i q[4];
+
+#pragma GCC unroll 4
+				for (int g = 0; g < G; g++)
+					q[g] = _mm512_loadu_si512(
+						block[g] + CODES_OFFSET + 64 * j);
+#pragma GCC unroll 4
+				for (int t = 0; t < T; t++) {
+					__m512i x = _mm512_set1_epi32(activation_run(
+						xq + (size_t)t * n, b, j));
+
+#pragma GCC unroll 4
+					for (int g = 0; g < G; g++)
+						sums[g][t] = _mm512_dpbusd_epi32(
+							sums[g][t], q[g], x);
+				}
+			}
+		} else {
+#pragma GCC unroll 4
+			for (int m = 0; m < QK / 8; m++) {
+				__m512i lo[4], hi[4];
+
+#pragma GCC unroll 4
+				for (int g = 0; g < G; g++) {
+					__m512i packed = _mm512_loadu_si512(
+						block[g] + CODES_OFFSET + 64 * m);
+
+					lo[g] = _mm512_and_si512(packed, low_nibbles);
+					hi[g] = _mm512_and_si512(
+						_mm512_srli_epi16(packed, 4),
+						low_nibbles);
+				}
+#pragma GCC unroll 4
+				for (int t = 0; t < T; t++) {
+					const int8_t *x = xq + (size_t)t * n;
+					__m512i x_lo = _mm512_set1_epi32(
+						activation_run(x, b, m));
+					__m512i x_hi = _mm512_set1_epi32(
+						activation_run(x, b, m + 4));
+
+#pragma GCC unroll 4
+					for (int g = 0; g < G; g++) {
+						sums[g][t] = _mm512_dpbusd_epi32(
+							sums[g][t], lo[g], x_lo);
+						sums[g][t] = _mm512_dpbusd_epi32(
+							sums[g][t], hi[g], x_hi);
+					}
+				}
+			}
+		}
+
+		__m512 dw[4];
+
+#pragma GCC unroll 4
+		for (int g = 0; g < G; g++)
+			dw[g] = _mm512_cvtph_ps(_mm256_loadu_si256(
+				(const __m256i *)block[g]));
+#pragma GCC unroll 4
+		for (int t = 0; t < T; t++) {
+			__m512 dx = _mm512_set1_ps(xd[(size_t)t * nb + b]);
+
+#pragma GCC unroll 4
+			for (int g = 0; g < G; g++)
+				acc[g][t] = _mm512_fmadd_ps(
+					_mm512_cvtepi32_ps(sums[g][t]),
+					_mm512_mul_ps(dw[g], dx), acc[g][t]);
+		}
+	}
+
+#pragma GCC unroll 4
+	for (int t = 0; t < T; t++)
+#pragma GCC unroll 4
+		for (int g = 0; g < G; g++) {
+			float *o = out + (size_t)t * out_stride + GROUP * g;
+			int left = rows - GROUP * g;
+
+			if (left >= GROUP)
+				_mm512_storeu_ps(o, acc[g][t]);
+			else
+				_mm512_mask_storeu_ps(
+					o, (__mmask16)((1u << left) - 1),
+					acc[g][t]);
+		}
 }
 
 
-/* Runs the 4-row tiles of one group of tokens, then the leftover rows. */
-#define MATMUL_QUANT_AVX512_TOKENS(T)                                         \
+/*
+ * Runs tiles of G groups over the rows [first, end) of one row block for
+ * T tokens, then single groups for what is left.
+ */
+#define MATMUL_QUANT_AVX512_TILES(G, T)                                       \
 	do {                                                                  \
-		int i = block_begin;                                          \
-		for (; i + 4 <= block_end; i += 4)                            \
-			tile_quant_avx512(o + i, out_stride, xt, dt,          \
-					  wb + (size_t)i * row_bytes,         \
-					  row_bytes, type, n, 4, T);          \
-		for (; i < block_end; i++)                                    \
-			tile_quant_avx512(o + i, out_stride, xt, dt,          \
-					  wb + (size_t)i * row_bytes,         \
-					  row_bytes, type, n, 1, T);          \
+		int r = first;                                                \
+		for (; r + (G) * GROUP <= end; r += (G) * GROUP)              \
+			tile_quant_avx512(o + r, out_stride, xt, dt, st,      \
+					  wb + (size_t)(r / GROUP) * group_bytes, \
+					  group_bytes, type, n, end - r, G, T); \
+		for (; r < end; r += GROUP)                                   \
+			tile_quant_avx512(o + r, out_stride, xt, dt, st,      \
+					  wb + (size_t)(r / GROUP) * group_bytes, \
+					  group_bytes, type, n, end - r, 1, T); \
 	} while (0)
 
 /*
@@ -604,36 +544,46 @@ tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
  */
 TARGET_AVX512 __attribute__((always_inline)) static inline void
 matmul_quant_avx512_type(float *out, int out_stride, const int8_t *xq,
-			 const float *xd, int n_tokens, const void *w,
-			 enum engine_weight_type type, int n, int row_begin,
-			 int row_end)
+			 const float *xd, const int32_t *xs, int n_tokens,
+			 const void *w, enum engine_weight_type type, int n,
+			 int row_begin, int row_end)
 {
-	size_t row_bytes = (size_t)engine_weight_bytes(type, (uint64_t)n);
-	size_t x_scales = (size_t)(n / QK);
+	const int nb = n / QK;
+	const size_t group_bytes = (size_t)nb * group_block_bytes(type);
+	const int block_rows = GROUP * groups_per_row_block(group_bytes);
 	const char *wb = w;
-	int block_rows = (int)(ROW_BLOCK_BYTES / row_bytes);
 
-	block_rows = block_rows < 4 ? 4 : block_rows & ~3;
-	for (int block_begin = row_begin; block_begin < row_end;
-	     block_begin += block_rows) {
-		int block_end = block_begin + block_rows < row_end
-					? block_begin + block_rows
-					: row_end;
+	for (int first = row_begin; first < row_end; first += block_rows) {
+		int end = first + block_rows < row_end ? first + block_rows
+						       : row_end;
 		int t = 0;
 
 		for (; t + 4 <= n_tokens; t += 4) {
 			float *o = out + (size_t)t * out_stride;
 			const int8_t *xt = xq + (size_t)t * n;
-			const float *dt = xd + (size_t)t * x_scales;
+			const float *dt = xd + (size_t)t * nb;
+			const int32_t *st = xs + (size_t)t * nb;
 
-			MATMUL_QUANT_AVX512_TOKENS(4);
+			MATMUL_QUANT_AVX512_TILES(2, 4);
 		}
-		for (; t < n_tokens; t++) {
-			float *o = out + (size_t)t * out_stride;
-			const int8_t *xt = xq + (size_t)t * n;
-			const float *dt = xd + (size_t)t * x_scales;
 
-			MATMUL_QUANT_AVX512_TOKENS(1);
+		float *o = out + (size_t)t * out_stride;
+		const int8_t *xt = xq + (size_t)t * n;
+		const float *dt = xd + (size_t)t * nb;
+		const int32_t *st = xs + (size_t)t * nb;
+
+		switch (n_tokens - t) {
+		case 3:
+			MATMUL_QUANT_AVX512_TILES(2, 3);
+			break;
+		case 2:
+			MATMUL_QUANT_AVX512_TILES(2, 2);
+			break;
+		case 1:
+			MATMUL_QUANT_AVX512_TILES(4, 1);
+			break;
+		default:
+			break;
 		}
 	}
 }
@@ -641,17 +591,17 @@ matmul_quant_avx512_type(float *out, int out_stride, const int8_t *xq,
 
 TARGET_AVX512 static void
 matmul_quant_avx512(float *out, int out_stride, const int8_t *xq,
-		    const float *xd, int n_tokens, const void *w,
-		    enum engine_weight_type type, int n, int row_begin,
-		    int row_end)
+		    const float *xd, const int32_t *xs, int n_tokens,
+		    const void *w, enum engine_weight_type type, int n,
+		    int row_begin, int row_end)
 {
 	if (type == ENGINE_WEIGHT_Q8_0)
-		matmul_quant_avx512_type(out, out_stride, xq, xd, n_tokens, w,
-					 ENGINE_WEIGHT_Q8_0, n, row_begin,
+		matmul_quant_avx512_type(out, out_stride, xq, xd, xs, n_tokens,
+					 w, ENGINE_WEIGHT_Q8_0, n, row_begin,
 					 row_end);
 	else
-		matmul_quant_avx512_type(out, out_stride, xq, xd, n_tokens, w,
-					 ENGINE_WEIGHT_Q4_0, n, row_begin,
+		matmul_quant_avx512_type(out, out_stride, xq, xd, xs, n_tokens,
+					 w, ENGINE_WEIGHT_Q4_0, n, row_begin,
 					 row_end);
 }
 
@@ -659,7 +609,7 @@ matmul_quant_avx512(float *out, int out_stride, const int8_t *xq,
 /* ---- Activation quantization on SIMD paths ------------------------------ */
 
 TARGET_AVX2 static void quantize_row_avx2(int8_t *xq, float *xd,
-					  const float *x, int n)
+					  int32_t *xs, const float *x, int n)
 {
 	const __m256 sign_mask = _mm256_set1_ps(-0.0f);
 	const __m256 low = _mm256_set1_ps(-127.0f);
@@ -702,12 +652,22 @@ TARGET_AVX2 static void quantize_row_avx2(int8_t *xq, float *xd,
 		bytes = _mm256_permutevar8x32_epi32(
 			bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 		_mm256_storeu_si256((__m256i *)(xq + (size_t)b * QK), bytes);
+
+		__m256i sums = _mm256_add_epi32(
+			_mm256_add_epi32(codes[0], codes[1]),
+			_mm256_add_epi32(codes[2], codes[3]));
+		__m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sums),
+					   _mm256_extracti128_si256(sums, 1));
+		__m128i s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+
+		xs[b] = _mm_cvtsi128_si32(s2) + _mm_extract_epi32(s2, 1);
 	}
 }
 
 
 TARGET_AVX512 static void quantize_row_avx512(int8_t *xq, float *xd,
-					      const float *x, int n)
+					      int32_t *xs, const float *x,
+					      int n)
 {
 	const __m512 low = _mm512_set1_ps(-127.0f);
 	const __m512 high = _mm512_set1_ps(127.0f);
@@ -732,10 +692,15 @@ TARGET_AVX512 static void quantize_row_avx512(int8_t *xq, float *xd,
 				   high);
 		hi = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(hi, scale), low),
 				   high);
+		__m512i codes_lo = _mm512_cvtps_epi32(lo);
+		__m512i codes_hi = _mm512_cvtps_epi32(hi);
+
 		_mm_storeu_si128((__m128i *)(xq + (size_t)b * QK),
-				 _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(lo)));
+				 _mm512_cvtsepi32_epi8(codes_lo));
 		_mm_storeu_si128((__m128i *)(xq + (size_t)b * QK + 16),
-				 _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(hi)));
+				 _mm512_cvtsepi32_epi8(codes_hi));
+		xs[b] = _mm512_reduce_add_epi32(
+			_mm512_add_epi32(codes_lo, codes_hi));
 	}
 }
 
@@ -743,48 +708,39 @@ TARGET_AVX512 static void quantize_row_avx512(int8_t *xq, float *xd,
 /* ---- Dispatch ------------------------------------------------------------ */
 
 void kernel_matmul_quant(float *out, int out_stride, const int8_t *xq,
-			 const float *xd, int n_tokens, const void *w,
-			 enum engine_weight_type type, int n, int row_begin,
-			 int row_end)
+			 const float *xd, const int32_t *xs, int n_tokens,
+			 const void *w, enum engine_weight_type type, int n,
+			 int row_begin, int row_end)
 {
 	switch (selected_quant_isa) {
 	case QUANT_AVX512_VNNI:
-		matmul_quant_avx512(out, out_stride, xq, xd, n_tokens, w, type,
-				    n, row_begin, row_end);
+		matmul_quant_avx512(out, out_stride, xq, xd, xs, n_tokens, w,
+				    type, n, row_begin, row_end);
 		break;
 	case QUANT_AVX2:
-		matmul_quant_avx2(out, out_stride, xq, xd, n_tokens, w, type, n,
-				  row_begin, row_end);
+		matmul_quant_avx2(out, out_stride, xq, xd, xs, n_tokens, w,
+				  type, n, row_begin, row_end);
 		break;
 	default:
-		matmul_quant_scalar(out, out_stride, xq, xd, n_tokens, w, type,
-				    n, row_begin, row_end);
+		matmul_quant_scalar(out, out_stride, xq, xd, xs, n_tokens, w,
+				    type, n, row_begin, row_end);
 		break;
 	}
 }
 
 
-void kernel_quantize_row(int8_t *xq, float *xd, const float *x, int n)
+void kernel_quantize_row(int8_t *xq, float *xd, int32_t *xs, const float *x,
+			 int n)
 {
 	switch (selected_quant_isa) {
 	case QUANT_AVX512_VNNI:
-		quantize_row_avx512(xq, xd, x, n);
+		quantize_row_avx512(xq, xd, xs, x, n);
 		break;
 	case QUANT_AVX2:
-		quantize_row_avx2(xq, xd, x, n);
+		quantize_row_avx2(xq, xd, xs, x, n);
 		break;
 	default:
-		quantize_row_scalar(xq, xd, x, n);
+		quantize_row_scalar(xq, xd, xs, x, n);
 		break;
 	}
-}
-
-
-float kernel_dot_quant(const void *w, enum engine_weight_type type,
-		       const int8_t *xq, const float *xd, int n)
-{
-	float out;
-
-	kernel_matmul_quant(&out, 1, xq, xd, 1, w, type, n, 0, 1);
-	return out;
 }

@@ -124,6 +124,68 @@ uint64_t engine_weight_bytes(enum engine_weight_type type, uint64_t n)
 }
 
 
+uint64_t engine_matrix_bytes(enum engine_weight_type type, uint64_t rows,
+			     uint64_t cols)
+{
+	uint64_t groups = (rows + ENGINE_QUANT_GROUP - 1) / ENGINE_QUANT_GROUP;
+
+	switch (type) {
+	case ENGINE_WEIGHT_F32:
+		return rows * cols * sizeof(float);
+	case ENGINE_WEIGHT_Q8_0:
+		return groups * (cols / ENGINE_QUANT_BLOCK) *
+		       sizeof(struct engine_group_q8_0);
+	case ENGINE_WEIGHT_Q4_0:
+		return groups * (cols / ENGINE_QUANT_BLOCK) *
+		       sizeof(struct engine_group_q4_0);
+	}
+	return 0;
+}
+
+
+void engine_pack_group(enum engine_weight_type type, void *out,
+		       const void *blocks, int rows, int cols)
+{
+	int nb = cols / ENGINE_QUANT_BLOCK;
+
+	for (int b = 0; b < nb; b++) {
+		if (type == ENGINE_WEIGHT_Q8_0) {
+			struct engine_group_q8_0 *g =
+				(struct engine_group_q8_0 *)out + b;
+
+			memset(g, 0, sizeof(*g));
+			memset(g->qs, 128, sizeof(g->qs));
+			for (int r = 0; r < rows; r++) {
+				const struct engine_block_q8_0 *src =
+					(const struct engine_block_q8_0 *)blocks +
+					(size_t)r * nb + b;
+
+				g->d[r] = src->d;
+				for (int k = 0; k < ENGINE_QUANT_BLOCK; k++)
+					g->qs[k / 4][r][k % 4] =
+						(uint8_t)(src->qs[k] + 128);
+			}
+		} else {
+			struct engine_group_q4_0 *g =
+				(struct engine_group_q4_0 *)out + b;
+
+			/* Code 8 is weight 0. */
+			memset(g, 0, sizeof(*g));
+			memset(g->qs, 0x88, sizeof(g->qs));
+			for (int r = 0; r < rows; r++) {
+				const struct engine_block_q4_0 *src =
+					(const struct engine_block_q4_0 *)blocks +
+					(size_t)r * nb + b;
+
+				g->d[r] = src->d;
+				for (int k = 0; k < ENGINE_QUANT_BLOCK / 2; k++)
+					g->qs[k / 4][r][k % 4] = src->qs[k];
+			}
+		}
+	}
+}
+
+
 /* ---- Block quantization ------------------------------------------------- */
 
 static bool all_finite(const float *x, size_t n)
@@ -268,8 +330,8 @@ static int check_tensor(const char *path, const struct engine_shape *shape,
 				   "expected 0",
 				   path, name, entry->reserved);
 
-	expected = engine_weight_bytes(entry->type,
-				       dims.matrices * dims.rows * dims.cols);
+	expected = dims.matrices *
+		   engine_matrix_bytes(entry->type, dims.rows, dims.cols);
 	if (entry->size != expected)
 		return engine_fail(err,
 				   "%s: tensor %s is %llu bytes, expected %llu "
