@@ -405,19 +405,19 @@ tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
 	const int nb = n / QK;
 	const size_t block_bytes = group_block_bytes(type);
 	const int32_t bias = code_bias(type);
-	__m512 acc[4][4];
+	__m512 acc[8][4];
 
-#pragma GCC unroll 4
+#pragma GCC unroll 8
 	for (int g = 0; g < G; g++)
 #pragma GCC unroll 4
 		for (int t = 0; t < T; t++)
 			acc[g][t] = _mm512_setzero_ps();
 
 	for (int b = 0; b < nb; b++) {
-		const char *block[4];
-		__m512i sums[4][4];
+		const char *block[8];
+		__m512i sums[8][4];
 
-#pragma GCC unroll 4
+#pragma GCC unroll 8
 		for (int g = 0; g < G; g++)
 			block[g] = w + (size_t)g * group_bytes +
 				   (size_t)b * block_bytes;
@@ -426,7 +426,7 @@ tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
 			__m512i start = _mm512_set1_epi32(
 				-bias * xs[(size_t)t * nb + b]);
 
-#pragma GCC unroll 4
+#pragma GCC unroll 8
 			for (int g = 0; g < G; g++)
 				sums[g][t] = start;
 		}
@@ -434,9 +434,9 @@ tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
 		if (type == ENGINE_WEIGHT_Q8_0) {
 #pragma GCC unroll 8
 			for (int j = 0; j < QK / 4; j++) {
-				__m512i q[4];
+				__m512i q[8];
 
-#pragma GCC unroll 4
+#pragma GCC unroll 8
 				for (int g = 0; g < G; g++)
 					q[g] = _mm512_loadu_si512(
 						block[g] + CODES_OFFSET + 64 * j);
@@ -445,7 +445,7 @@ tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
 					__m512i x = _mm512_set1_epi32(activation_run(
 						xq + (size_t)t * n, b, j));
 
-#pragma GCC unroll 4
+#pragma GCC unroll 8
 					for (int g = 0; g < G; g++)
 						sums[g][t] = _mm512_dpbusd_epi32(
 							sums[g][t], q[g], x);
@@ -454,9 +454,9 @@ tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
 		} else {
 #pragma GCC unroll 4
 			for (int m = 0; m < QK / 8; m++) {
-				__m512i lo[4], hi[4];
+				__m512i lo[8], hi[8];
 
-#pragma GCC unroll 4
+#pragma GCC unroll 8
 				for (int g = 0; g < G; g++) {
 					__m512i packed = _mm512_loadu_si512(
 						block[g] + CODES_OFFSET + 64 * m);
@@ -474,7 +474,7 @@ tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
 					__m512i x_hi = _mm512_set1_epi32(
 						activation_run(x, b, m + 4));
 
-#pragma GCC unroll 4
+#pragma GCC unroll 8
 					for (int g = 0; g < G; g++) {
 						sums[g][t] = _mm512_dpbusd_epi32(
 							sums[g][t], lo[g], x_lo);
@@ -485,9 +485,9 @@ tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
 			}
 		}
 
-		__m512 dw[4];
+		__m512 dw[8];
 
-#pragma GCC unroll 4
+#pragma GCC unroll 8
 		for (int g = 0; g < G; g++)
 			dw[g] = _mm512_cvtph_ps(_mm256_loadu_si256(
 				(const __m256i *)block[g]));
@@ -495,7 +495,7 @@ tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
 		for (int t = 0; t < T; t++) {
 			__m512 dx = _mm512_set1_ps(xd[(size_t)t * nb + b]);
 
-#pragma GCC unroll 4
+#pragma GCC unroll 8
 			for (int g = 0; g < G; g++)
 				acc[g][t] = _mm512_fmadd_ps(
 					_mm512_cvtepi32_ps(sums[g][t]),
@@ -505,7 +505,7 @@ tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
 
 #pragma GCC unroll 4
 	for (int t = 0; t < T; t++)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
 		for (int g = 0; g < G; g++) {
 			float *o = out + (size_t)t * out_stride + GROUP * g;
 			int left = rows - GROUP * g;
@@ -580,7 +580,7 @@ matmul_quant_avx512_type(float *out, int out_stride, const int8_t *xq,
 			MATMUL_QUANT_AVX512_TILES(2, 2);
 			break;
 		case 1:
-			MATMUL_QUANT_AVX512_TILES(4, 1);
+			MATMUL_QUANT_AVX512_TILES(8, 1);
 			break;
 		default:
 			break;
