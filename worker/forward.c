@@ -16,12 +16,16 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 /* Matrix products smaller than this many multiply-adds run on one thread. */
 #define PARALLEL_MIN_WORK (1 << 16)
+
+/* Positions whose K or V rows attention reads in one run. */
+#define ATTENTION_ROWS 16
 
 /* Activations of fewer elements are quantized on one thread. */
 #define QUANTIZE_PARALLEL_MIN (1 << 14)
@@ -75,7 +79,9 @@ struct engine {
 	float *hb;        /* (max_step_tokens, hidden_dim) */
 	float *hb2;       /* (max_step_tokens, hidden_dim) */
 	float *att;       /* (threads, max_context) attention scores */
-	float *kv_row;    /* (threads, 2, head_size) float16 rows widened */
+	float *kv_rows;   /* (threads, ATTENTION_ROWS, head_size) float16 rows
+			     widened */
+	bool avx512;      /* attention runs its AVX-512 path */
 	float *last;      /* (max_batch, dim) final hidden state per sequence */
 	float *logits;    /* (max_batch, vocab_size) */
 	int8_t *xq;       /* (max_step_tokens, max(dim, hidden_dim)) quantized
@@ -240,21 +246,32 @@ static void *kv_row_address(const struct engine *engine,
 }
 
 
-/* Returns the KV row as floats, widening float16 rows into scratch. */
-static const float *kv_row_read(const struct engine *engine,
-				const struct engine_sequence *sequence,
-				int layer, int kv, int position, int offset,
-				int n, float *scratch)
+/*
+ * Returns n_rows consecutive K or V rows of one block, from position first
+ * on, starting at element offset, as floats with row stride *stride.
+ * float16 rows are widened into scratch (n_rows x n floats).
+ */
+static const float *kv_rows_read(const struct engine *engine,
+				 const struct engine_sequence *sequence,
+				 int layer, int kv, int first, int n_rows,
+				 int offset, int n, float *scratch,
+				 size_t *stride)
 {
-	const void *row = kv_row_address(engine, sequence, layer, kv, position);
+	const void *row = kv_row_address(engine, sequence, layer, kv, first);
+	size_t kv_dim = (size_t)engine_kv_dim(&engine->model->shape);
 
-	if (engine->kv->type == ENGINE_KV_F32)
+	if (engine->kv->type == ENGINE_KV_F32) {
+		*stride = kv_dim;
 		return (const float *)row + offset;
+	}
 
-	const _Float16 *half = (const _Float16 *)row + offset;
+	for (int r = 0; r < n_rows; r++) {
+		const _Float16 *half = (const _Float16 *)row + r * kv_dim + offset;
 
-	for (int i = 0; i < n; i++)
-		scratch[i] = (float)half[i];
+		for (int i = 0; i < n; i++)
+			scratch[(size_t)r * n + i] = (float)half[i];
+	}
+	*stride = (size_t)n;
 	return scratch;
 }
 
@@ -278,9 +295,112 @@ static void kv_row_write(const struct engine *engine,
 
 
 /*
+ * scores[r] = dot(q, row r) / scale for n_rows rows of n floats with row
+ * stride stride. The AVX-512 path computes the dot product as kernel_dot
+ * does (16 lanes of fused multiply-adds in element order, then the fixed
+ * tree), four rows at a time, so every path gives the same bits.
+ */
+__attribute__((target("avx512f,avx512dq,fma"))) static void
+attention_scores_avx512(float *scores, const float *q, const float *rows,
+			size_t stride, int n_rows, int n, float scale)
+{
+	int full = n / 16 * 16;
+	__mmask16 tail = (__mmask16)((1u << (n - full)) - 1);
+	__m512 q_tail = _mm512_maskz_loadu_ps(tail, q + full);
+
+	for (int first = 0; first < n_rows; first += 4) {
+		int count = n_rows - first < 4 ? n_rows - first : 4;
+		__m512 acc[4];
+
+		for (int r = 0; r < 4; r++)
+			acc[r] = _mm512_setzero_ps();
+		for (int k = 0; k < full; k += 16) {
+			__m512 qk = _mm512_loadu_ps(q + k);
+
+			for (int r = 0; r < count; r++)
+				acc[r] = _mm512_fmadd_ps(
+					qk,
+					_mm512_loadu_ps(rows + (first + r) * stride + k),
+					acc[r]);
+		}
+		for (int r = 0; r < count; r++) {
+			if (tail != 0)
+				acc[r] = _mm512_mask3_fmadd_ps(
+					q_tail,
+					_mm512_maskz_loadu_ps(
+						tail, rows + (first + r) * stride + full),
+					acc[r], tail);
+
+			__m256 r8 = _mm256_add_ps(_mm512_castps512_ps256(acc[r]),
+						  _mm512_extractf32x8_ps(acc[r], 1));
+			__m128 r4 = _mm_add_ps(_mm256_castps256_ps128(r8),
+					       _mm256_extractf128_ps(r8, 1));
+			__m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
+			__m128 r1 = _mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1));
+
+			scores[first + r] = _mm_cvtss_f32(r1) / scale;
+		}
+	}
+}
+
+
+/*
+ * out (n) += weights[r] * row r, rows in order, each element as a product
+ * then a sum, as kernel_axpy does row by row. The AVX-512 path keeps 16
+ * elements of out in a register across all rows.
+ */
+__attribute__((target("avx512f,avx512dq,fma"))) static void
+attention_values_avx512(float *out, const float *weights, const float *rows,
+			size_t stride, int n_rows, int n)
+{
+	for (int k = 0; k < n; k += 16) {
+		__mmask16 mask = n - k >= 16 ? (__mmask16)0xffff
+					     : (__mmask16)((1u << (n - k)) - 1);
+		__m512 sum = _mm512_maskz_loadu_ps(mask, out + k);
+
+		for (int r = 0; r < n_rows; r++)
+			sum = _mm512_add_ps(
+				sum,
+				_mm512_mul_ps(_mm512_set1_ps(weights[r]),
+					      _mm512_maskz_loadu_ps(
+						      mask, rows + r * stride + k)));
+		_mm512_mask_storeu_ps(out + k, mask, sum);
+	}
+}
+
+
+static void attention_scores(const struct engine *engine, float *scores,
+			     const float *q, const float *rows, size_t stride,
+			     int n_rows, int n, float scale)
+{
+	if (engine->avx512) {
+		attention_scores_avx512(scores, q, rows, stride, n_rows, n,
+					scale);
+		return;
+	}
+	for (int r = 0; r < n_rows; r++)
+		scores[r] = kernel_dot(q, rows + r * stride, n) / scale;
+}
+
+
+static void attention_values(const struct engine *engine, float *out,
+			     const float *weights, const float *rows,
+			     size_t stride, int n_rows, int n)
+{
+	if (engine->avx512) {
+		attention_values_avx512(out, weights, rows, stride, n_rows, n);
+		return;
+	}
+	for (int r = 0; r < n_rows; r++)
+		kernel_axpy(out, weights[r], rows + r * stride, n);
+}
+
+
+/*
  * Attention of every (token, query head) pair of the step, split among
  * threads. Each pair reads positions 0 .. its own position from the cache,
- * in ascending order, so its result does not depend on the step.
+ * in ascending order, so its result does not depend on the step. Positions
+ * are read in runs of up to ATTENTION_ROWS rows within one KV block.
  */
 static void attention_task_run(void *arg, int ith, int nth)
 {
@@ -289,9 +409,10 @@ static void attention_task_run(void *arg, int ith, int nth)
 	int head_size = engine_head_size(shape);
 	int kv_group = shape->n_heads / shape->n_kv_heads;
 	int n_items = engine->n_tokens * shape->n_heads;
+	int block_tokens = (int)engine->kv->block_tokens;
 	float *att = engine->att + (size_t)ith * engine->options.max_context;
-	float *k_scratch = engine->kv_row + (size_t)ith * 2 * head_size;
-	float *v_scratch = k_scratch + head_size;
+	float *scratch = engine->kv_rows +
+			 (size_t)ith * ATTENTION_ROWS * head_size;
 	float scale = sqrtf((float)head_size);
 
 	/*
@@ -311,26 +432,34 @@ static void attention_task_run(void *arg, int ith, int nth)
 			     (size_t)h * head_size;
 		int kv_offset = (h / kv_group) * head_size;
 
-		/* Scores against every earlier position and this one. */
-		for (int p = 0; p <= position; p++) {
-			const float *k = kv_row_read(engine, sequence,
-						     engine->layer, 0, p,
-						     kv_offset, head_size,
-						     k_scratch);
+		for (int kv = 0; kv < 2; kv++) {
+			if (kv == 1) {
+				kernel_softmax(att, position + 1);
+				memset(out, 0, (size_t)head_size * sizeof(float));
+			}
+			for (int first = 0; first <= position;) {
+				int in_block = block_tokens - first % block_tokens;
+				int n_rows = position + 1 - first;
+				size_t stride;
+				const float *rows;
 
-			att[p] = kernel_dot(q, k, head_size) / scale;
-		}
-		kernel_softmax(att, position + 1);
-
-		/* Weighted sum of the values, position by position. */
-		memset(out, 0, (size_t)head_size * sizeof(float));
-		for (int p = 0; p <= position; p++) {
-			const float *v = kv_row_read(engine, sequence,
-						     engine->layer, 1, p,
-						     kv_offset, head_size,
-						     v_scratch);
-
-			kernel_axpy(out, att[p], v, head_size);
+				n_rows = n_rows < in_block ? n_rows : in_block;
+				n_rows = n_rows < ATTENTION_ROWS ? n_rows
+								 : ATTENTION_ROWS;
+				rows = kv_rows_read(engine, sequence,
+						    engine->layer, kv, first,
+						    n_rows, kv_offset, head_size,
+						    scratch, &stride);
+				if (kv == 0)
+					attention_scores(engine, att + first, q,
+							 rows, stride, n_rows,
+							 head_size, scale);
+				else
+					attention_values(engine, out, att + first,
+							 rows, stride, n_rows,
+							 head_size);
+				first += n_rows;
+			}
 		}
 	}
 }
@@ -747,8 +876,10 @@ int engine_kv_shift(struct engine *engine, const struct engine_kv *kv,
 				to = p - n_discard;
 
 			/* Keys rotate back by n_discard positions. */
-			const float *k = kv_row_read(engine, &source, layer, 0,
-						     p, 0, kv_dim, row);
+			size_t stride;
+			const float *k = kv_rows_read(engine, &source, layer, 0,
+						      p, 1, 0, kv_dim, row,
+						      &stride);
 
 			if (k != row)
 				memcpy(row, k, (size_t)kv_dim * sizeof(float));
@@ -757,8 +888,9 @@ int engine_kv_shift(struct engine *engine, const struct engine_kv *kv,
 						    head_size, cos_sin);
 			kv_row_write(engine, &target, layer, 0, to, row);
 
-			const float *v = kv_row_read(engine, &source, layer, 1,
-						     p, 0, kv_dim, row);
+			const float *v = kv_rows_read(engine, &source, layer, 1,
+						      p, 1, 0, kv_dim, row,
+						      &stride);
 
 			if (v != row)
 				memcpy(row, v, (size_t)kv_dim * sizeof(float));
@@ -853,7 +985,9 @@ int engine_create(const struct engine_model *model,
 	engine->hb = alloc_floats(tokens * hidden, &failed);
 	engine->hb2 = alloc_floats(tokens * hidden, &failed);
 	engine->att = alloc_floats(threads * context, &failed);
-	engine->kv_row = alloc_floats(threads * 2 * head_size, &failed);
+	engine->kv_rows = alloc_floats(threads * ATTENTION_ROWS * head_size,
+				       &failed);
+	engine->avx512 = strcmp(kernel_isa(), "avx512") == 0;
 	engine->last = alloc_floats(batch * dim, &failed);
 	engine->logits = alloc_floats(batch * (size_t)shape->vocab_size,
 				      &failed);
@@ -905,7 +1039,7 @@ void engine_destroy(struct engine *engine)
 	free(engine->hb);
 	free(engine->hb2);
 	free(engine->att);
-	free(engine->kv_row);
+	free(engine->kv_rows);
 	free(engine->last);
 	free(engine->logits);
 	free(engine->token_sequence);
