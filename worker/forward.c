@@ -78,8 +78,8 @@ struct engine {
 	float *v;         /* (max_step_tokens, kv_dim) */
 	float *hb;        /* (max_step_tokens, hidden_dim) */
 	float *hb2;       /* (max_step_tokens, hidden_dim) */
-	float *att;       /* (threads, max_context) attention scores */
-	float *kv_rows;   /* (threads, ATTENTION_ROWS, head_size) float16 rows
+	float *att;       /* (threads, n_heads, max_context) attention scores */
+	float *kv_rows;   /* (threads, ATTENTION_ROWS, kv_dim) float16 rows
 			     widened */
 	bool avx512;      /* attention runs its AVX-512 path */
 	float *last;      /* (max_batch, dim) final hidden state per sequence */
@@ -398,9 +398,11 @@ static void attention_values(const struct engine *engine, float *out,
 
 /*
  * Attention of every (token, query head) pair of the step, split among
- * threads. Each pair reads positions 0 .. its own position from the cache,
- * in ascending order, so its result does not depend on the step. Positions
- * are read in runs of up to ATTENTION_ROWS rows within one KV block.
+ * threads in items of one token and a range of its heads. Each pair reads
+ * positions 0 .. its own position from the cache, in ascending order, so
+ * its result does not depend on the step or on the items. Positions are
+ * read in runs of up to ATTENTION_ROWS rows within one KV block, and the
+ * heads of an item share each run: their parts of a row are adjacent.
  */
 static void attention_task_run(void *arg, int ith, int nth)
 {
@@ -408,34 +410,48 @@ static void attention_task_run(void *arg, int ith, int nth)
 	const struct engine_shape *shape = &engine->model->shape;
 	int head_size = engine_head_size(shape);
 	int kv_group = shape->n_heads / shape->n_kv_heads;
-	int n_items = engine->n_tokens * shape->n_heads;
+	int n_tokens = engine->n_tokens;
 	int block_tokens = (int)engine->kv->block_tokens;
-	float *att = engine->att + (size_t)ith * engine->options.max_context;
+	size_t max_context = (size_t)engine->options.max_context;
+	float *att = engine->att + (size_t)ith * shape->n_heads * max_context;
 	float *scratch = engine->kv_rows +
-			 (size_t)ith * ATTENTION_ROWS * head_size;
+			 (size_t)ith * ATTENTION_ROWS * engine_kv_dim(shape);
 	float scale = sqrtf((float)head_size);
 
 	/*
-	 * Threads take every nth (token, head) pair: a later token attends to
-	 * more positions, so contiguous ranges would give the last thread the
-	 * most work.
+	 * Split the heads of a token when there are few tokens, so that
+	 * every thread gets several items. Threads take every nth item: a
+	 * later token attends to more positions, so contiguous ranges would
+	 * give the last thread the most work.
 	 */
-	for (int item = ith; item < n_items; item += nth) {
-		int t = item / shape->n_heads;
-		int h = item % shape->n_heads;
+	int ranges = (4 * nth + n_tokens - 1) / n_tokens;
+
+	ranges = ranges < shape->n_heads ? ranges : shape->n_heads;
+
+	int per_range = (shape->n_heads + ranges - 1) / ranges;
+
+	ranges = (shape->n_heads + per_range - 1) / per_range;
+	for (int item = ith; item < n_tokens * ranges; item += nth) {
+		int t = item / ranges;
+		int h_begin = item % ranges * per_range;
+		int h_end = h_begin + per_range < shape->n_heads
+				    ? h_begin + per_range
+				    : shape->n_heads;
 		int position = engine->token_position[t];
 		const struct engine_sequence *sequence =
 			&engine->sequences[engine->token_sequence[t]];
-		const float *q = engine->q + (size_t)t * shape->dim +
-				 (size_t)h * head_size;
-		float *out = engine->xb2 + (size_t)t * shape->dim +
-			     (size_t)h * head_size;
-		int kv_offset = (h / kv_group) * head_size;
+		/* KV heads of the range, a contiguous part of each row. */
+		int kv_begin = h_begin / kv_group;
+		int kv_width = ((h_end - 1) / kv_group - kv_begin + 1) * head_size;
 
 		for (int kv = 0; kv < 2; kv++) {
-			if (kv == 1) {
-				kernel_softmax(att, position + 1);
-				memset(out, 0, (size_t)head_size * sizeof(float));
+			for (int h = h_begin; kv == 1 && h < h_end; h++) {
+				kernel_softmax(att + (size_t)(h - h_begin) *
+							     max_context,
+					       position + 1);
+				memset(engine->xb2 + (size_t)t * shape->dim +
+					       (size_t)h * head_size,
+				       0, (size_t)head_size * sizeof(float));
 			}
 			for (int first = 0; first <= position;) {
 				int in_block = block_tokens - first % block_tokens;
@@ -448,16 +464,30 @@ static void attention_task_run(void *arg, int ith, int nth)
 								 : ATTENTION_ROWS;
 				rows = kv_rows_read(engine, sequence,
 						    engine->layer, kv, first,
-						    n_rows, kv_offset, head_size,
-						    scratch, &stride);
-				if (kv == 0)
-					attention_scores(engine, att + first, q,
-							 rows, stride, n_rows,
-							 head_size, scale);
-				else
-					attention_values(engine, out, att + first,
-							 rows, stride, n_rows,
-							 head_size);
+						    n_rows, kv_begin * head_size,
+						    kv_width, scratch, &stride);
+				for (int h = h_begin; h < h_end; h++) {
+					const float *head_rows =
+						rows + (size_t)(h / kv_group - kv_begin) *
+							       head_size;
+					float *scores = att + (size_t)(h - h_begin) *
+								      max_context;
+					size_t offset = (size_t)t * shape->dim +
+							(size_t)h * head_size;
+
+					if (kv == 0)
+						attention_scores(engine, scores + first,
+								 engine->q + offset,
+								 head_rows, stride,
+								 n_rows, head_size,
+								 scale);
+					else
+						attention_values(engine,
+								 engine->xb2 + offset,
+								 scores + first,
+								 head_rows, stride,
+								 n_rows, head_size);
+				}
 				first += n_rows;
 			}
 		}
@@ -984,8 +1014,9 @@ int engine_create(const struct engine_model *model,
 	engine->v = alloc_floats(tokens * kv_dim, &failed);
 	engine->hb = alloc_floats(tokens * hidden, &failed);
 	engine->hb2 = alloc_floats(tokens * hidden, &failed);
-	engine->att = alloc_floats(threads * context, &failed);
-	engine->kv_rows = alloc_floats(threads * ATTENTION_ROWS * head_size,
+	engine->att = alloc_floats(threads * (size_t)shape->n_heads * context,
+				   &failed);
+	engine->kv_rows = alloc_floats(threads * ATTENTION_ROWS * kv_dim,
 				       &failed);
 	engine->avx512 = strcmp(kernel_isa(), "avx512") == 0;
 	engine->last = alloc_floats(batch * dim, &failed);
