@@ -437,6 +437,18 @@ int engine_step(struct engine *engine, const struct engine_kv *kv,
 		const struct engine_sequence *sequences, int n_sequences,
 		struct engine_error *err);
 
+/* Threads the engine runs a step on (engine_options.threads). */
+int engine_thread_count(const struct engine *engine);
+
+/*
+ * Runs task(arg, ith, nth) on each of the engine's nth threads,
+ * ith = 0 .. nth - 1, and returns when every call has returned. Work
+ * between steps, such as sampling, shares the step's threads this way.
+ */
+void engine_run_on_threads(struct engine *engine,
+			   void (*task)(void *arg, int ith, int nth),
+			   void *arg);
+
 /* engine_step() for one session and n tokens at positions start... */
 int engine_prefill(struct engine *engine, const struct engine_kv *kv,
 		   const int32_t *blocks, int32_t n_blocks,

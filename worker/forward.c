@@ -932,6 +932,20 @@ int engine_kv_shift(struct engine *engine, const struct engine_kv *kv,
 }
 
 
+int engine_thread_count(const struct engine *engine)
+{
+	return engine->options.threads;
+}
+
+
+void engine_run_on_threads(struct engine *engine,
+			   void (*task)(void *arg, int ith, int nth),
+			   void *arg)
+{
+	engine_pool_run(engine->pool, task, arg);
+}
+
+
 /* Fills the (max_context, head_size / 2) table of RoPE cosines and sines. */
 static void fill_rope_table(float *rope, int max_context, int head_size)
 {

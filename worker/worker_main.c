@@ -47,7 +47,7 @@ struct worker {
 	struct worker_options options;
 	struct engine_model *model;
 	struct engine *engine;
-	struct engine_sampler *sampler;
+	struct engine_sampler **samplers; /* (threads) one per thread */
 	struct engine_kv kv;
 	struct shm_kv_map kv_map;
 	float *logits;                    /* (max_batch, vocab_size) */
@@ -228,13 +228,16 @@ static int start(struct worker *w, char *error, size_t error_size)
 		snprintf(error, error_size, "%s", err.message);
 		return rc;
 	}
-	rc = engine_sampler_create(shape->vocab_size, &w->sampler);
+	w->samplers = calloc((size_t)o->threads, sizeof(*w->samplers));
+	for (int i = 0; rc == 0 && w->samplers != NULL && i < o->threads; i++)
+		rc = engine_sampler_create(shape->vocab_size, &w->samplers[i]);
 	w->logits = malloc((size_t)o->max_batch * (size_t)shape->vocab_size *
 			   sizeof(float));
 	w->sequences = calloc((size_t)o->max_batch, sizeof(*w->sequences));
 	w->results = calloc((size_t)o->max_batch, sizeof(*w->results));
 	w->packet = malloc(MAX_PACKET);
-	if (rc < 0 || w->logits == NULL || w->sequences == NULL ||
+	if (rc < 0 || w->samplers == NULL || w->logits == NULL ||
+	    w->sequences == NULL ||
 	    w->results == NULL || w->packet == NULL) {
 		snprintf(error, error_size, "out of memory for step buffers");
 		return -ENOMEM;
@@ -263,6 +266,49 @@ static void act_out_fault(struct worker *w, Slabd__Worker__Fault fault)
 			pause();
 	default:
 		return;
+	}
+}
+
+
+/* The sequences of a step that sample a token, split among threads. */
+struct sample_task {
+	struct worker *w;
+	const Slabd__Worker__StepRequest *step;
+};
+
+
+/*
+ * Samples the tokens of every nth sequence from ith on. A sequence's token
+ * depends only on its logits, settings, history and position, so the
+ * split does not change any result.
+ */
+static void sample_task_run(void *arg, int ith, int nth)
+{
+	struct sample_task *task = arg;
+	struct worker *w = task->w;
+	size_t vocab = (size_t)engine_model_shape(w->model)->vocab_size;
+
+	for (size_t i = (size_t)ith; i < task->step->n_sequences; i += (size_t)nth) {
+		const Slabd__Worker__Sequence *s = task->step->sequences[i];
+		const Slabd__Worker__Sampling *p = s->sampling;
+
+		w->results[i] = -1;
+		if (!s->sample)
+			continue;
+
+		struct engine_sampling sampling = {
+			.temperature = p->temperature,
+			.top_k = p->top_k,
+			.top_p = p->top_p,
+			.min_p = p->min_p,
+			.repetition_penalty = p->repetition_penalty,
+			.seed = p->seed,
+		};
+
+		w->results[i] = engine_sample(w->samplers[ith], &sampling,
+					      w->logits + i * vocab, s->history,
+					      s->n_history,
+					      (uint64_t)s->start + s->n_tokens);
 	}
 }
 
@@ -304,28 +350,13 @@ static int run_sequences(struct worker *w, const Slabd__Worker__StepRequest *ste
 	if (rc < 0)
 		return rc;
 
-	for (size_t i = 0; i < n; i++) {
-		const Slabd__Worker__Sequence *s = step->sequences[i];
-		const Slabd__Worker__Sampling *p = s->sampling;
+	struct sample_task task = { .w = w, .step = step };
 
-		w->results[i] = -1;
-		if (!s->sample)
-			continue;
-
-		struct engine_sampling sampling = {
-			.temperature = p->temperature,
-			.top_k = p->top_k,
-			.top_p = p->top_p,
-			.min_p = p->min_p,
-			.repetition_penalty = p->repetition_penalty,
-			.seed = p->seed,
-		};
-
-		w->results[i] = engine_sample(w->sampler, &sampling,
-					      w->logits + i * (size_t)vocab,
-					      s->history, s->n_history,
-					      (uint64_t)s->start + s->n_tokens);
-	}
+	/* One sequence samples in place, without waking the other threads. */
+	if (n > 1)
+		engine_run_on_threads(w->engine, sample_task_run, &task);
+	else
+		sample_task_run(&task, 0, 1);
 	return 0;
 }
 
@@ -463,7 +494,9 @@ int main(int argc, char **argv)
 		slabd__worker__step_request__free_unpacked(step, NULL);
 	}
 
-	engine_sampler_destroy(w.sampler);
+	for (int i = 0; w.samplers != NULL && i < w.options.threads; i++)
+		engine_sampler_destroy(w.samplers[i]);
+	free(w.samplers);
 	engine_destroy(w.engine);
 	shm_kv_close(&w.kv_map);
 	engine_model_close(w.model);
