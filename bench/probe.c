@@ -39,10 +39,13 @@ __attribute__((target("avx512f"))) static void *read_share(void *arg)
 	struct share *s = arg;
 	__m512 acc[8];
 
+#pragma GCC unroll 8
 	for (int i = 0; i < 8; i++)
 		acc[i] = _mm512_setzero_ps();
 	pthread_barrier_wait(s->barrier);
+	/* Unrolled, so that the accumulators stay in registers. */
 	for (size_t i = 0; i + 128 <= s->count; i += 128)
+#pragma GCC unroll 8
 		for (int j = 0; j < 8; j++)
 			acc[j] = _mm512_add_ps(acc[j],
 					       _mm512_load_ps(s->data + i + 16 * j));
@@ -59,10 +62,12 @@ __attribute__((target("avx512f,fma"))) static void *fma_share(void *arg)
 	__m512 acc[12];
 	__m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
 
+#pragma GCC unroll 12
 	for (int i = 0; i < 12; i++)
 		acc[i] = _mm512_set1_ps((float)i);
 	pthread_barrier_wait(s->barrier);
 	for (unsigned long long n = 0; n < FMA_ITERATIONS; n++)
+#pragma GCC unroll 12
 		for (int j = 0; j < 12; j++)
 			acc[j] = _mm512_fmadd_ps(acc[j], a, b);
 	for (int j = 1; j < 12; j++)
