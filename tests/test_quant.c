@@ -1697,9 +1697,15 @@ static int dump_floats(FILE *out, const float *x, size_t count)
 
 
 /* Dumps the logits of a short prefill and decode run of a quantized model. */
+/*
+ * Dumps the logits of a short prefill and decode of the model at path,
+ * with a float32 and then a float16 KV cache.
+ */
 static int dump_model_logits(FILE *out, const char *path)
 {
 	static const int32_t tokens[] = { 1, 403, 407, 261, 378, 432, 383, 286 };
+	static const enum engine_kv_type kv_types[] = { ENGINE_KV_F32,
+							ENGINE_KV_F16 };
 	const int n_prompt = 5, n_total = 8;
 	struct engine_options options = {
 		.threads = 2, .max_batch = 1, .max_step_tokens = 16,
@@ -1708,9 +1714,9 @@ static int dump_model_logits(FILE *out, const char *path)
 	struct engine_model *model = NULL;
 	struct engine *engine = NULL;
 	struct engine_error err;
-	struct engine_kv kv = { .n_blocks = 2, .block_tokens = 16 };
 	int32_t blocks[2] = { 1, 0 };
 	float *logits = NULL;
+	void *cache = NULL;
 	int rc = -1;
 
 	if (engine_model_open(path, &model, &err) < 0)
@@ -1719,23 +1725,33 @@ static int dump_model_logits(FILE *out, const char *path)
 		goto out;
 	int32_t vocab = engine_model_shape(model)->vocab_size;
 
-	kv.base = calloc(kv.n_blocks, engine_kv_block_bytes(
-				engine_model_shape(model), 16, ENGINE_KV_F32));
+	/* A float32 block is the larger, so it fits either type. */
+	cache = calloc(2, engine_kv_block_bytes(engine_model_shape(model), 16,
+						ENGINE_KV_F32));
 	logits = malloc((size_t)vocab * sizeof(float));
-	if (kv.base == NULL || logits == NULL)
+	if (cache == NULL || logits == NULL)
 		goto out;
-	if (engine_prefill(engine, &kv, blocks, 2, tokens, n_prompt, 0, logits,
-			   &err) < 0 ||
-	    dump_floats(out, logits, (size_t)vocab) < 0)
-		goto out;
-	for (int pos = n_prompt; pos < n_total; pos++)
-		if (engine_decode(engine, &kv, blocks, 2, tokens[pos], pos,
-				  logits, &err) < 0 ||
+	for (size_t i = 0; i < sizeof(kv_types) / sizeof(kv_types[0]); i++) {
+		struct engine_kv kv = {
+			.base = cache,
+			.n_blocks = 2,
+			.block_tokens = 16,
+			.type = kv_types[i],
+		};
+
+		if (engine_prefill(engine, &kv, blocks, 2, tokens, n_prompt, 0,
+				   logits, &err) < 0 ||
 		    dump_floats(out, logits, (size_t)vocab) < 0)
 			goto out;
+		for (int pos = n_prompt; pos < n_total; pos++)
+			if (engine_decode(engine, &kv, blocks, 2, tokens[pos],
+					  pos, logits, &err) < 0 ||
+			    dump_floats(out, logits, (size_t)vocab) < 0)
+				goto out;
+	}
 	rc = 0;
 out:
-	free(kv.base);
+	free(cache);
 	free(logits);
 	engine_destroy(engine);
 	engine_model_close(model);

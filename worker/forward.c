@@ -247,6 +247,17 @@ static void *kv_row_address(const struct engine *engine,
 
 
 /*
+ * A run of consecutive K or V rows of one KV block: row r starts at element
+ * r * stride of rows, float32 or, on the AVX-512 path, float16.
+ */
+struct kv_run {
+	const void *rows;
+	size_t stride;
+	bool half;
+};
+
+
+/*
  * Returns n_rows consecutive K or V rows of one block, from position first
  * on, starting at element offset, as floats with row stride *stride.
  * float16 rows are widened into scratch (n_rows x n floats).
@@ -276,6 +287,51 @@ static const float *kv_rows_read(const struct engine *engine,
 }
 
 
+/*
+ * Returns a run of n_rows K or V rows as kv_rows_read() does, except that
+ * the AVX-512 path reads float16 rows in place. Elements of the run start
+ * at element offset of each row.
+ */
+static struct kv_run kv_run_read(const struct engine *engine,
+				 const struct engine_sequence *sequence,
+				 int layer, int kv, int first, int n_rows,
+				 int offset, int n, float *scratch)
+{
+	struct kv_run run = { .half = false };
+
+	if (engine->avx512 && engine->kv->type == ENGINE_KV_F16) {
+		run.rows = (const _Float16 *)kv_row_address(engine, sequence,
+							    layer, kv, first) +
+			   offset;
+		run.stride = (size_t)engine_kv_dim(&engine->model->shape);
+		run.half = true;
+		return run;
+	}
+	run.rows = kv_rows_read(engine, sequence, layer, kv, first, n_rows,
+				offset, n, scratch, &run.stride);
+	return run;
+}
+
+
+/*
+ * Converts n floats to float16, rounding to nearest even as a cast does,
+ * 16 at a time.
+ */
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) static void
+narrow_avx512(_Float16 *out, const float *in, int n)
+{
+	for (int i = 0; i < n; i += 16) {
+		__mmask16 mask = n - i >= 16 ? (__mmask16)0xffff
+					     : (__mmask16)((1u << (n - i)) - 1);
+		__m256i half = _mm512_cvtps_ph(_mm512_maskz_loadu_ps(mask, in + i),
+					       _MM_FROUND_TO_NEAREST_INT |
+						       _MM_FROUND_NO_EXC);
+
+		_mm256_mask_storeu_epi16((void *)(out + i), mask, half);
+	}
+}
+
+
 static void kv_row_write(const struct engine *engine,
 			 const struct engine_sequence *sequence, int layer,
 			 int kv, int position, const float *values)
@@ -289,21 +345,38 @@ static void kv_row_write(const struct engine *engine,
 	}
 	_Float16 *half = row;
 
+	if (engine->avx512) {
+		narrow_avx512(half, values, kv_dim);
+		return;
+	}
 	for (int i = 0; i < kv_dim; i++)
 		half[i] = (_Float16)values[i];
 }
 
 
-/*
- * scores[r] = dot(q, row r) / scale for n_rows rows of n floats with row
- * stride stride. The AVX-512 path computes the dot product as kernel_dot
- * does (16 lanes of fused multiply-adds in element order, then the fixed
- * tree), four rows at a time, so every path gives the same bits.
- */
-__attribute__((target("avx512f,avx512dq,fma"))) static void
-attention_scores_avx512(float *scores, const float *q, const float *rows,
-			size_t stride, int n_rows, int n, float scale)
+/* Loads elements i .. i + 15 of a run (those in mask) as floats. */
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) static inline __m512
+run_load(const struct kv_run *run, size_t i, __mmask16 mask)
 {
+	if (run->half)
+		return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+			mask, (const _Float16 *)run->rows + i));
+	return _mm512_maskz_loadu_ps(mask, (const float *)run->rows + i);
+}
+
+
+/*
+ * scores[r] = dot(q, row r) / scale for n_rows rows of n elements from
+ * element offset on. The AVX-512 path computes the dot product as
+ * kernel_dot does (16 lanes of fused multiply-adds in element order, then
+ * the fixed tree), four rows at a time, so every path gives the same bits.
+ */
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,f16c,fma"))) static void
+attention_scores_avx512(float *scores, const float *q,
+			const struct kv_run *run, size_t offset, int n_rows,
+			int n, float scale)
+{
+	const __mmask16 all = 0xffff;
 	int full = n / 16 * 16;
 	__mmask16 tail = (__mmask16)((1u << (n - full)) - 1);
 	__m512 q_tail = _mm512_maskz_loadu_ps(tail, q + full);
@@ -312,23 +385,29 @@ attention_scores_avx512(float *scores, const float *q, const float *rows,
 		int count = n_rows - first < 4 ? n_rows - first : 4;
 		__m512 acc[4];
 
+#pragma GCC unroll 4
 		for (int r = 0; r < 4; r++)
 			acc[r] = _mm512_setzero_ps();
 		for (int k = 0; k < full; k += 16) {
 			__m512 qk = _mm512_loadu_ps(q + k);
 
+#pragma GCC unroll 4
 			for (int r = 0; r < count; r++)
 				acc[r] = _mm512_fmadd_ps(
 					qk,
-					_mm512_loadu_ps(rows + (first + r) * stride + k),
+					run_load(run,
+						 (first + r) * run->stride + offset + k,
+						 all),
 					acc[r]);
 		}
+#pragma GCC unroll 4
 		for (int r = 0; r < count; r++) {
 			if (tail != 0)
 				acc[r] = _mm512_mask3_fmadd_ps(
 					q_tail,
-					_mm512_maskz_loadu_ps(
-						tail, rows + (first + r) * stride + full),
+					run_load(run,
+						 (first + r) * run->stride + offset + full,
+						 tail),
 					acc[r], tail);
 
 			__m256 r8 = _mm256_add_ps(_mm512_castps512_ps256(acc[r]),
@@ -345,13 +424,15 @@ attention_scores_avx512(float *scores, const float *q, const float *rows,
 
 
 /*
- * out (n) += weights[r] * row r, rows in order, each element as a product
- * then a sum, as kernel_axpy does row by row. The AVX-512 path keeps 16
- * elements of out in a register across all rows.
+ * out (n) += weights[r] * row r for n_rows rows of n elements from element
+ * offset on, rows in order, each element as a product then a sum, as
+ * kernel_axpy does row by row. The AVX-512 path keeps 16 elements of out in
+ * a register across all rows.
  */
-__attribute__((target("avx512f,avx512dq,fma"))) static void
-attention_values_avx512(float *out, const float *weights, const float *rows,
-			size_t stride, int n_rows, int n)
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,f16c,fma"))) static void
+attention_values_avx512(float *out, const float *weights,
+			const struct kv_run *run, size_t offset, int n_rows,
+			int n)
 {
 	for (int k = 0; k < n; k += 16) {
 		__mmask16 mask = n - k >= 16 ? (__mmask16)0xffff
@@ -362,37 +443,44 @@ attention_values_avx512(float *out, const float *weights, const float *rows,
 			sum = _mm512_add_ps(
 				sum,
 				_mm512_mul_ps(_mm512_set1_ps(weights[r]),
-					      _mm512_maskz_loadu_ps(
-						      mask, rows + r * stride + k)));
+					      run_load(run,
+						       r * run->stride + offset + k,
+						       mask)));
 		_mm512_mask_storeu_ps(out + k, mask, sum);
 	}
 }
 
 
 static void attention_scores(const struct engine *engine, float *scores,
-			     const float *q, const float *rows, size_t stride,
-			     int n_rows, int n, float scale)
+			     const float *q, const struct kv_run *run,
+			     size_t offset, int n_rows, int n, float scale)
 {
 	if (engine->avx512) {
-		attention_scores_avx512(scores, q, rows, stride, n_rows, n,
+		attention_scores_avx512(scores, q, run, offset, n_rows, n,
 					scale);
 		return;
 	}
 	for (int r = 0; r < n_rows; r++)
-		scores[r] = kernel_dot(q, rows + r * stride, n) / scale;
+		scores[r] = kernel_dot(q,
+				       (const float *)run->rows +
+					       r * run->stride + offset,
+				       n) /
+			    scale;
 }
 
 
 static void attention_values(const struct engine *engine, float *out,
-			     const float *weights, const float *rows,
-			     size_t stride, int n_rows, int n)
+			     const float *weights, const struct kv_run *run,
+			     size_t offset, int n_rows, int n)
 {
 	if (engine->avx512) {
-		attention_values_avx512(out, weights, rows, stride, n_rows, n);
+		attention_values_avx512(out, weights, run, offset, n_rows, n);
 		return;
 	}
 	for (int r = 0; r < n_rows; r++)
-		kernel_axpy(out, weights[r], rows + r * stride, n);
+		kernel_axpy(out, weights[r],
+			    (const float *)run->rows + r * run->stride + offset,
+			    n);
 }
 
 
@@ -456,20 +544,18 @@ static void attention_task_run(void *arg, int ith, int nth)
 			for (int first = 0; first <= position;) {
 				int in_block = block_tokens - first % block_tokens;
 				int n_rows = position + 1 - first;
-				size_t stride;
-				const float *rows;
+				struct kv_run run;
 
 				n_rows = n_rows < in_block ? n_rows : in_block;
 				n_rows = n_rows < ATTENTION_ROWS ? n_rows
 								 : ATTENTION_ROWS;
-				rows = kv_rows_read(engine, sequence,
-						    engine->layer, kv, first,
-						    n_rows, kv_begin * head_size,
-						    kv_width, scratch, &stride);
+				run = kv_run_read(engine, sequence, engine->layer,
+						  kv, first, n_rows,
+						  kv_begin * head_size, kv_width,
+						  scratch);
 				for (int h = h_begin; h < h_end; h++) {
-					const float *head_rows =
-						rows + (size_t)(h / kv_group - kv_begin) *
-							       head_size;
+					size_t head = (size_t)(h / kv_group - kv_begin) *
+						      head_size;
 					float *scores = att + (size_t)(h - h_begin) *
 								      max_context;
 					size_t offset = (size_t)t * shape->dim +
@@ -478,15 +564,14 @@ static void attention_task_run(void *arg, int ith, int nth)
 					if (kv == 0)
 						attention_scores(engine, scores + first,
 								 engine->q + offset,
-								 head_rows, stride,
-								 n_rows, head_size,
-								 scale);
+								 &run, head, n_rows,
+								 head_size, scale);
 					else
 						attention_values(engine,
 								 engine->xb2 + offset,
-								 scores + first,
-								 head_rows, stride,
-								 n_rows, head_size);
+								 scores + first, &run,
+								 head, n_rows,
+								 head_size);
 				}
 				first += n_rows;
 			}
@@ -1032,7 +1117,9 @@ int engine_create(const struct engine_model *model,
 				   &failed);
 	engine->kv_rows = alloc_floats(threads * ATTENTION_ROWS * kv_dim,
 				       &failed);
-	engine->avx512 = strcmp(kernel_isa(), "avx512") == 0;
+	engine->avx512 = strcmp(kernel_isa(), "avx512") == 0 &&
+			 __builtin_cpu_supports("avx512bw") &&
+			 __builtin_cpu_supports("avx512vl");
 	engine->last = alloc_floats(batch * dim, &failed);
 	engine->logits = alloc_floats(batch * (size_t)shape->vocab_size,
 				      &failed);
