@@ -50,10 +50,10 @@ matmul_flops() {
 		'BEGIN { printf "%.0f", 2 * l * (2 * d * d + 2 * d * kv + 3 * d * h) }'
 }
 
-start_service() { # MODEL TOKENIZER WORKERS THREADS_PER_WORKER
+start_service() { # MODEL TOKENIZER WORKERS THREADS_PER_WORKER [SLABD_OPTION...]
 	"$build/slabd" --model "$1" --tokenizer "$2" --socket "$work/s.sock" \
 		--instance "$instance" --workers "$3" --threads-per-worker "$4" \
-		--log-level "${log_level:-warning}" 2>"$work/slabd.log" &
+		--log-level "${log_level:-warning}" "${@:5}" 2>"$work/slabd.log" &
 	slabd_pid=$!
 	for _ in $(seq 400); do
 		"$build/slabctl" --socket "$work/s.sock" health >/dev/null 2>&1 && return 0
@@ -76,10 +76,26 @@ service_decode_rate() { # prints the decode tokens/s of one 200-token generation
 	grep -o 'decode [0-9.]* tokens/s' "$work/service" | awk '{ print $2 }'
 }
 
+# Runs slab-probe and sets read_gbps and fma_gflops. The memory bandwidth
+# of a shared machine changes from minute to minute, so every row is
+# compared with probes run just before and just after it (probe, then
+# probe_again), and the higher figure of the two counts.
+probe() {
+	"$build/slab-probe" > "$work/probe"
+	read_gbps=$(awk '$1 == "read_gbps" { print $2 }' "$work/probe")
+	fma_gflops=$(awk '$1 == "fma_gflops" { print $2 }' "$work/probe")
+}
+
+probe_again() {
+	local read=$read_gbps fma=$fma_gflops
+
+	probe
+	read_gbps=$(awk -v a="$read" -v b="$read_gbps" 'BEGIN { print (a > b ? a : b) }')
+	fma_gflops=$(awk -v a="$fma" -v b="$fma_gflops" 'BEGIN { print (a > b ? a : b) }')
+}
+
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(date -u +%Y-%m-%d)"
-"$build/slab-probe" > "$work/probe"
-read_gbps=$(awk '$1 == "read_gbps" { print $2 }' "$work/probe")
-fma_gflops=$(awk '$1 == "fma_gflops" { print $2 }' "$work/probe")
+probe
 echo "probe: read ${read_gbps} GB/s, float32 FMA ${fma_gflops} GFLOP/s, $(nproc) threads"
 echo
 
@@ -104,31 +120,35 @@ shapes=(
 )
 
 echo "1. slab-run, one session, $threads threads"
-printf '%-18s %-5s %10s %9s %8s %11s %8s\n' model type "decode/s" "GB/s" "of read" "prefill/s" "of FMA"
+printf '%-18s %-5s %10s %9s %6s %8s %11s %7s %8s\n' model type "decode/s" "GB/s" probe "of read" "prefill/s" probe "of FMA"
 for shape in "${shapes[@]}"; do
 	read -r name stem tokenizer dim hidden layers kv vocab <<<"$shape"
 	flops=$(matmul_flops "$dim" "$hidden" "$layers" "$kv")
 	for type in f32 q8_0 q4_0; do
 		model="$work/$stem.$type"
 		bytes=$(bytes_per_token "$model" "$type" "$vocab" "$dim")
+		probe
 		"$build/slab-run" --model "$model" --tokenizer "$tokenizer" --threads $threads \
 			--prompt "Once" --max-tokens 200 2>"$work/decode" >/dev/null
 		"$build/slab-run" --model "$model" --tokenizer "$tokenizer" --threads $threads \
 			--prompt "$long_prompt" --max-tokens 1 2>"$work/prefill" >/dev/null
+		probe_again
 		awk -v n="$name" -v t="$type" -v d="$(rate decode "$work/decode")" \
 			-v p="$(rate prefill "$work/prefill")" -v b="$bytes" -v f="$flops" \
 			-v r="$read_gbps" -v peak="$fma_gflops" \
 			'BEGIN { gb = d * b / 1e9; g = p * f / 1e9;
-			         printf "%-18s %-5s %10.1f %9.1f %8.2f %11.1f %8.2f\n",
-			                n, t, d, gb, gb / r, p, g / peak }'
+			         printf "%-18s %-5s %10.1f %9.1f %6.1f %8.2f %11.1f %7.0f %8.2f\n",
+			                n, t, d, gb, r, gb / r, p, peak, g / peak }'
 	done
 done
 echo "(GB/s: weight bytes read per token times tokens/s, a model that fits in the"
-echo " last-level cache can exceed the read probe; FMA: 2 FLOP per matrix weight per token)"
+echo " last-level cache can exceed the read probe; FMA: 2 FLOP per matrix weight per token;"
+echo " probe: the higher read GB/s and FMA GFLOP/s of slab-probe runs just before"
+echo " and just after the row)"
 echo
 
 echo "2. decode through the service, one session, next to slab-run on the same threads"
-printf '%-18s %-5s %8s %14s %14s %7s %8s\n' model type workers "service tok/s" "slab-run tok/s" ratio "of read"
+printf '%-18s %-5s %8s %14s %14s %7s %6s %8s\n' model type workers "service tok/s" "slab-run tok/s" ratio probe "of read"
 for shape in "${shapes[@]}"; do
 	read -r name stem tokenizer dim hidden layers kv vocab <<<"$shape"
 	runs="f32:$threads f32:1"
@@ -138,45 +158,49 @@ for shape in "${shapes[@]}"; do
 		worker_threads=${run##*:}
 		model="$work/$stem.$type"
 		bytes=$(bytes_per_token "$model" "$type" "$vocab" "$dim")
+		probe
 		start_service "$model" "$tokenizer" 1 "$worker_threads"
 		service=$(service_decode_rate)
 		stop_service
 		"$build/slab-run" --model "$model" --tokenizer "$tokenizer" --threads "$worker_threads" \
 			--prompt "Once" --max-tokens 200 2>"$work/decode" >/dev/null
+		probe_again
 		awk -v n="$name" -v t="$type" -v s="$service" -v l="$(rate decode "$work/decode")" \
 			-v b="$bytes" -v r="$read_gbps" -v w="1x$worker_threads" \
-			'BEGIN { printf "%-18s %-5s %8s %14.1f %14.1f %7.2f %8.2f\n",
-			                n, t, w, s, l, s / l, s * b / 1e9 / r }'
+			'BEGIN { printf "%-18s %-5s %8s %14.1f %14.1f %7.2f %6.1f %8.2f\n",
+			                n, t, w, s, l, s / l, r, s * b / 1e9 / r }'
 	done
 done
 echo
 
 echo "3. aggregate decode through the service, stories110M shape, q8_0, 1 worker x $threads threads"
-start_service "$work/s110.q8_0" "$tokenizers/tokenizer.bin" 1 $threads
-printf '%-10s %14s %8s %16s %8s\n' sessions "wall tok/s" "vs one" "decode tok/s" "vs one"
-one_wall=
-one_decode=
-for sessions in 1 4 16; do
-	pids=()
-	started=$(date +%s.%N)
-	for i in $(seq "$sessions"); do
-		"$build/slabctl" --socket "$work/s.sock" generate --no-echo --verbose \
-			--max-tokens 128 "Session $i starts here" >/dev/null 2>"$work/agg.$i" &
-		pids+=($!)
+printf '%-5s %-10s %14s %8s %16s %8s\n' kv sessions "wall tok/s" "vs one" "decode tok/s" "vs one"
+for kv_type in f32 f16; do
+	start_service "$work/s110.q8_0" "$tokenizers/tokenizer.bin" 1 $threads --kv-type "$kv_type"
+	one_wall=
+	one_decode=
+	for sessions in 1 4 16; do
+		pids=()
+		started=$(date +%s.%N)
+		for i in $(seq "$sessions"); do
+			"$build/slabctl" --socket "$work/s.sock" generate --no-echo --verbose \
+				--max-tokens 128 "Session $i starts here" >/dev/null 2>"$work/agg.$i" &
+			pids+=($!)
+		done
+		wait "${pids[@]}"
+		ended=$(date +%s.%N)
+		wall=$(awk -v n="$sessions" -v a="$started" -v b="$ended" 'BEGIN { printf "%.1f", n * 128 / (b - a) }')
+		decode=$(cat "$work"/agg.* | grep -o 'decode [0-9.]* tokens/s' | awk '{ sum += $2 } END { printf "%.1f", sum }')
+		rm -f "$work"/agg.*
+		[ -n "$one_wall" ] || { one_wall=$wall; one_decode=$decode; }
+		awk -v k="$kv_type" -v n="$sessions" -v w="$wall" -v ow="$one_wall" -v d="$decode" -v od="$one_decode" \
+			'BEGIN { printf "%-5s %-10s %14.1f %8.2f %16.1f %8.2f\n", k, n, w, w / ow, d, d / od }'
 	done
-	wait "${pids[@]}"
-	ended=$(date +%s.%N)
-	wall=$(awk -v n="$sessions" -v a="$started" -v b="$ended" 'BEGIN { printf "%.1f", n * 128 / (b - a) }')
-	decode=$(cat "$work"/agg.* | grep -o 'decode [0-9.]* tokens/s' | awk '{ sum += $2 } END { printf "%.1f", sum }')
-	rm -f "$work"/agg.*
-	[ -n "$one_wall" ] || { one_wall=$wall; one_decode=$decode; }
-	awk -v n="$sessions" -v w="$wall" -v ow="$one_wall" -v d="$decode" -v od="$one_decode" \
-		'BEGIN { printf "%-10s %14.1f %8.2f %16.1f %8.2f\n", n, w, w / ow, d, d / od }'
+	stop_service
 done
 echo "(wall: 128 tokens per session over the wall time of all slabctl runs, start-up"
 echo " and prompt included; decode: the sum of each session's decode rate, which"
-echo " counts only the time after its first token)"
-stop_service
+echo " counts only the time after its first token; kv: the KV cache element type)"
 echo
 
 echo "4. memory, stories110M shape, q8_0, 2 workers"
