@@ -507,20 +507,148 @@ void kernel_rmsnorm(float *out, const float *x, const float *weight, int n)
 }
 
 
-void kernel_softmax(float *x, int n)
+/* ---- Exponential, softmax and SwiGLU ------------------------------------
+ *
+ * The exponential is computed by the kernels themselves, so that the
+ * AVX-512 and scalar paths take the same steps: n = x * log2(e) rounded to
+ * nearest even, r = x - n ln 2 in two fused multiply-adds, a degree-7
+ * polynomial of r (the coefficients of the Cephes library's expf, about
+ * 1 ulp), and n added to the exponent field. Below -86 the result is 0,
+ * above 88 it is infinity, and NaN stays NaN.
+ */
+
+#define EXP_LOW -86.0f
+#define EXP_HIGH 88.0f
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2_HI 0.693359375f
+#define EXP_LN2_LO -2.12194440e-4f
+
+static const float exp_poly[6] = {
+	1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+	4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f,
+};
+
+
+static float exp_scalar(float x)
+{
+	if (x != x)
+		return x;
+	if (x < EXP_LOW)
+		return 0.0f;
+	if (x > EXP_HIGH)
+		return INFINITY;
+
+	float n = nearbyintf(x * EXP_LOG2E);
+	float r = fmaf(-n, EXP_LN2_HI, x);
+	float p = exp_poly[0];
+	uint32_t bits;
+	float y;
+
+	r = fmaf(-n, EXP_LN2_LO, r);
+	for (int i = 1; i < 6; i++)
+		p = fmaf(p, r, exp_poly[i]);
+	y = fmaf(p, r * r, r) + 1.0f;
+	memcpy(&bits, &y, sizeof(bits));
+	bits += (uint32_t)(int32_t)n << 23;
+	memcpy(&y, &bits, sizeof(y));
+	return y;
+}
+
+
+__attribute__((target("avx512f,avx512dq,fma"))) static inline __m512
+exp_avx512(__m512 x)
+{
+	__m512 n = _mm512_roundscale_ps(
+		_mm512_mul_ps(x, _mm512_set1_ps(EXP_LOG2E)),
+		_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+	__m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), x);
+	__m512 p = _mm512_set1_ps(exp_poly[0]);
+	__m512 y;
+	__m512i bits;
+
+	r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);
+	for (int i = 1; i < 6; i++)
+		p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_poly[i]));
+	y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
+			  _mm512_set1_ps(1.0f));
+	bits = _mm512_add_epi32(_mm512_castps_si512(y),
+				_mm512_slli_epi32(_mm512_cvtps_epi32(n), 23));
+	y = _mm512_castsi512_ps(bits);
+	y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_LOW),
+						     _CMP_LT_OQ),
+			       _mm512_setzero_ps());
+	y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_HIGH),
+						     _CMP_GT_OQ),
+			       _mm512_set1_ps(INFINITY));
+	return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+}
+
+
+/*
+ * Softmax: the maximum, then exp(x - max) summed in 16 lanes (element i in
+ * lane i % 16) reduced by the tree of kernel_dot, then a division by the sum.
+ */
+static void softmax_scalar(float *x, int n)
 {
 	float max = x[0];
-	float sum = 0.0f;
+	float lanes[LANES] = { 0 };
+	float sum;
 
 	for (int i = 1; i < n; i++)
 		if (x[i] > max)
 			max = x[i];
 	for (int i = 0; i < n; i++) {
-		x[i] = expf(x[i] - max);
-		sum += x[i];
+		x[i] = exp_scalar(x[i] - max);
+		lanes[i % LANES] += x[i];
 	}
+	sum = reduce_lanes(lanes);
 	for (int i = 0; i < n; i++)
 		x[i] /= sum;
+}
+
+
+__attribute__((target("avx512f,avx512dq,fma"))) static void
+softmax_avx512(float *x, int n)
+{
+	__m512 max = _mm512_set1_ps(x[0]);
+	__m512 lanes = _mm512_setzero_ps();
+	__m512 sum;
+
+	for (int i = 0; i < n; i += LANES) {
+		__mmask16 mask = n - i >= LANES ? (__mmask16)0xffff
+						: (__mmask16)((1u << (n - i)) - 1);
+
+		max = _mm512_mask_max_ps(max, mask,
+					 _mm512_maskz_loadu_ps(mask, x + i), max);
+	}
+	max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+	for (int i = 0; i < n; i += LANES) {
+		__mmask16 mask = n - i >= LANES ? (__mmask16)0xffff
+						: (__mmask16)((1u << (n - i)) - 1);
+		__m512 e = exp_avx512(_mm512_sub_ps(
+			_mm512_maskz_loadu_ps(mask, x + i), max));
+
+		_mm512_mask_storeu_ps(x + i, mask, e);
+		lanes = _mm512_mask_add_ps(lanes, mask, lanes, e);
+	}
+	sum = _mm512_set1_ps(reduce_avx512(lanes));
+	for (int i = 0; i < n; i += LANES) {
+		__mmask16 mask = n - i >= LANES ? (__mmask16)0xffff
+						: (__mmask16)((1u << (n - i)) - 1);
+
+		_mm512_mask_storeu_ps(x + i, mask,
+				      _mm512_div_ps(_mm512_maskz_loadu_ps(mask, x + i),
+						    sum));
+	}
+}
+
+
+void kernel_softmax(float *x, int n)
+{
+	if (selected_isa == ISA_AVX512)
+		softmax_avx512(x, n);
+	else
+		softmax_scalar(x, n);
 }
 
 
@@ -590,11 +718,35 @@ void kernel_axpy(float *out, float a, const float *v, int n)
 }
 
 
+__attribute__((target("avx512f,avx512dq,fma"))) static void
+swiglu_avx512(float *out, const float *gate, const float *up, int n)
+{
+	const __m512 one = _mm512_set1_ps(1.0f);
+
+	for (int i = 0; i < n; i += LANES) {
+		__mmask16 mask = n - i >= LANES ? (__mmask16)0xffff
+						: (__mmask16)((1u << (n - i)) - 1);
+		__m512 g = _mm512_maskz_loadu_ps(mask, gate + i);
+		__m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+		__m512 silu = _mm512_mul_ps(g, _mm512_div_ps(one,
+							     _mm512_add_ps(one, e)));
+
+		_mm512_mask_storeu_ps(out + i, mask,
+				      _mm512_mul_ps(silu,
+						    _mm512_maskz_loadu_ps(mask, up + i)));
+	}
+}
+
+
 void kernel_swiglu(float *out, const float *gate, const float *up, int n)
 {
+	if (selected_isa == ISA_AVX512) {
+		swiglu_avx512(out, gate, up, n);
+		return;
+	}
 	for (int i = 0; i < n; i++) {
 		float g = gate[i];
 
-		out[i] = g * (1.0f / (1.0f + expf(-g))) * up[i];
+		out[i] = g * (1.0f / (1.0f + exp_scalar(-g))) * up[i];
 	}
 }
