@@ -51,6 +51,7 @@ struct broker_config {
 	int block_tokens;
 	int max_batch;
 	int prefill_chunk;           /* tokens */
+	int decode_run;              /* tokens per decode run, 1 = no runs */
 	int max_sessions;
 	int max_context;             /* 0 = the model's */
 	enum engine_kv_type kv_type;
@@ -128,8 +129,10 @@ struct broker_step {
 	uint64_t id;
 	int n_entries;
 	struct broker_step_entry *entries; /* (max_batch) */
-	uint64_t sent_ns;
+	uint64_t sent_ns;         /* when sent, or when the last run reply came */
 	uint64_t tokens;
+	int run;                  /* replies a decode run may still send, else 0 */
+	bool run_stopped;         /* the run's later tokens are not wanted */
 };
 
 enum broker_worker_state {
@@ -333,6 +336,8 @@ void scheduler_step_lost(struct broker *broker, struct broker_worker *worker);
 int workers_start(struct broker *broker);
 int worker_send_step(struct broker_worker *worker,
 		     const Slabd__Worker__StepRequest *request);
+/* Asks a worker to end the decode run of its step after this token. */
+void worker_stop_run(struct broker_worker *worker);
 void workers_stop(struct broker *broker);
 void worker_kill(struct broker_worker *worker, const char *reason);
 /* Whether the worker's process still runs, from a poll of its pidfd. */

@@ -40,6 +40,8 @@ static void usage(FILE *out)
 "  --max-context N              positions per session (default: the model's)\n"
 "  --max-batch N                sessions in one worker step (default 32)\n"
 "  --prefill-chunk N            prompt tokens of one session per step (default 128)\n"
+"  --decode-run N               tokens a session decoding alone computes per\n"
+"                               step request, 1 for one each (default 16)\n"
 "  --max-sessions N             open sessions at most (default 256)\n"
 "  --max-tokens-cap N           largest max_tokens of a request (default 16777216)\n"
 "  --session-idle-timeout SECONDS  close sessions unused this long, 0 = never\n"
@@ -168,7 +170,7 @@ int broker_parse_options(int argc, char **argv, struct broker_config *config)
 		OPT_MODEL = 256, OPT_TOKENIZER, OPT_SOCKET, OPT_INSTANCE,
 		OPT_WORKERS, OPT_THREADS, OPT_KV_MEMORY, OPT_KV_TYPE,
 		OPT_BLOCK_TOKENS, OPT_MAX_CONTEXT, OPT_MAX_BATCH,
-		OPT_PREFILL_CHUNK, OPT_MAX_SESSIONS, OPT_MAX_TOKENS_CAP,
+		OPT_PREFILL_CHUNK, OPT_DECODE_RUN, OPT_MAX_SESSIONS, OPT_MAX_TOKENS_CAP,
 		OPT_IDLE, OPT_MAX_FRAME, OPT_MAX_CONNECTIONS,
 		OPT_MAX_REQUESTS, OPT_STEP_FLOOR, OPT_STEP_FACTOR, OPT_DRAIN,
 		OPT_FAULT, OPT_EVENT_LOOP, OPT_LOG_LEVEL, OPT_REMOVE, OPT_HELP,
@@ -188,6 +190,7 @@ int broker_parse_options(int argc, char **argv, struct broker_config *config)
 		{ "max-context", required_argument, NULL, OPT_MAX_CONTEXT },
 		{ "max-batch", required_argument, NULL, OPT_MAX_BATCH },
 		{ "prefill-chunk", required_argument, NULL, OPT_PREFILL_CHUNK },
+		{ "decode-run", required_argument, NULL, OPT_DECODE_RUN },
 		{ "max-sessions", required_argument, NULL, OPT_MAX_SESSIONS },
 		{ "max-tokens-cap", required_argument, NULL, OPT_MAX_TOKENS_CAP },
 		{ "session-idle-timeout", required_argument, NULL, OPT_IDLE },
@@ -223,6 +226,7 @@ int broker_parse_options(int argc, char **argv, struct broker_config *config)
 		.block_tokens = SHM_DEFAULT_BLOCK_TOKENS,
 		.max_batch = 32,
 		.prefill_chunk = 128,
+		.decode_run = 16,
 		.max_sessions = 256,
 		.session_idle_timeout = 600,
 		.max_frame = FRAME_DEFAULT_MAX,
@@ -293,6 +297,10 @@ int broker_parse_options(int argc, char **argv, struct broker_config *config)
 		case OPT_PREFILL_CHUNK:
 			config->prefill_chunk =
 				parse_int("--prefill-chunk", optarg, 1, 65536);
+			break;
+		case OPT_DECODE_RUN:
+			config->decode_run =
+				parse_int("--decode-run", optarg, 1, 1024);
 			break;
 		case OPT_MAX_SESSIONS:
 			config->max_sessions =

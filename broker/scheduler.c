@@ -266,6 +266,7 @@ static void build_shift_step(struct broker *broker, struct broker_worker *worker
 	step->id = ++broker->next_step_id;
 	step->n_entries = 1;
 	step->tokens = s->committed;
+	step->run = 0;
 	step->entries[0] = (struct broker_step_entry){ .session = s, .shift = true };
 	s->in_step = true;
 	log_debug("session %u/%u shifts: %u positions dropped after %d kept",
@@ -361,6 +362,43 @@ static void add_sequence(struct broker *broker, struct broker_step *step,
 }
 
 
+/*
+ * Makes a step of one decoding session a decode run when no other session
+ * waits for a worker. The worker then feeds each sampled token itself and
+ * replies once per token, which spares a round trip through the broker per
+ * token. A run stays within the session's blocks, its context and its
+ * max_tokens. Runs are left out under fault injection, whose positions
+ * name single steps, and for a session that runs alone after a crash.
+ */
+static void make_decode_run(struct broker *broker, struct broker_step *step)
+{
+	const struct broker_step_entry *e = &step->entries[0];
+	const struct broker_session *s = e->session;
+	const struct broker_request *r = s->request;
+	int64_t run = broker->config.decode_run;
+	int64_t covered = (int64_t)s->n_blocks * broker->config.block_tokens -
+			  e->start;
+
+	if (step->n_entries != 1 || run <= 1 || broker->runnable_head != NULL ||
+	    broker->config.n_faults > 0 || !e->sample || e->n != 1 ||
+	    s->pending_token < 0 || s->refeed_last || s->solo || r == NULL ||
+	    r->finishing || r->cancelled)
+		return;
+	if (run > covered)
+		run = covered;
+	if (run > (int64_t)s->context_limit - e->start)
+		run = (int64_t)s->context_limit - e->start;
+	if (r->max_tokens > 0 && run > (int64_t)r->max_tokens - (int64_t)r->generated)
+		run = (int64_t)r->max_tokens - (int64_t)r->generated;
+	if (run <= 1)
+		return;
+	step->run = (int)run;
+	message.sequences[0].run = (int32_t)run;
+	log_debug("session %u/%u: decode run of %d tokens from position %d",
+		  s->handle.slot, s->handle.generation, (int)run, (int)e->start);
+}
+
+
 /* Fills one idle worker's step from the runnable queue and sends it. */
 static void build_step(struct broker *broker, struct broker_worker *worker)
 {
@@ -370,6 +408,8 @@ static void build_step(struct broker *broker, struct broker_worker *worker)
 
 	step->n_entries = 0;
 	step->tokens = 0;
+	step->run = 0;
+	step->run_stopped = false;
 	slabd__worker__step_request__init(&message.request);
 
 	while (*link != NULL && step->n_entries < broker->config.max_batch &&
@@ -476,6 +516,7 @@ static void build_step(struct broker *broker, struct broker_worker *worker)
 
 	if (step->n_entries == 0)
 		return;
+	make_decode_run(broker, step);
 	step->id = ++broker->next_step_id;
 	message.request.n_sequences = (size_t)step->n_entries;
 	message.request.sequences = message.sequence_ptrs;
@@ -650,6 +691,85 @@ static void finish_entry(struct broker *broker, const struct broker_step_entry *
 }
 
 
+/*
+ * Ends a decode run whose later tokens were not wanted: the session leaves
+ * the step as a lost step's would, without the final reply's token.
+ */
+static void end_stopped_run(struct broker *broker, struct broker_session *s)
+{
+	s->in_step = false;
+	if (s->request != NULL) {
+		session_make_runnable(broker, s);
+		return;
+	}
+	session_release_rented(broker, s);
+	if (s->one_shot)
+		session_close(broker, s);
+}
+
+
+/*
+ * Takes one reply of a decode run that more replies follow. The token is
+ * committed and delivered as a step of its own would be, but the session
+ * stays in the step, since the worker goes on writing its KV rows. When the
+ * request ends or fails on this token, the worker is asked to stop and the
+ * tokens it sends until then are dropped.
+ */
+static void run_reply(struct broker *broker, struct broker_worker *worker,
+		      const Slabd__Worker__StepReply *reply)
+{
+	struct broker_step *step = &worker->step;
+	struct broker_step_entry *e = &step->entries[0];
+	struct broker_session *s = e->session;
+	int32_t token = -1;
+	int rc;
+
+	if (step->run > 1 && (reply->error == NULL || reply->error[0] == '\0') &&
+	    reply->n_results == 1 && reply->results[0]->slot == s->handle.slot)
+		token = reply->results[0]->token;
+	if (token < 0) {
+		log_error("worker %d sent a reply with more tokens to come for "
+			  "step %llu, which is not a decode run with tokens "
+			  "left", worker->id, (unsigned long long)step->id);
+		worker_kill(worker, "unexpected decode run reply");
+		return;
+	}
+	step->run--;
+	step->sent_ns = engine_now_ns();
+	if (step->run_stopped)
+		return;
+
+	broker->finishing_step = true;
+	rc = commit_sequence(broker, s, e, &s->pending_token);
+	if (rc < 0) {
+		log_error("commit of session %u/%u at position %d failed: %s",
+			  s->handle.slot, s->handle.generation, (int)e->start,
+			  shm_strerror(rc));
+		if (s->request != NULL)
+			request_fail(broker, s->request,
+				     SLABD__ERROR_CODE__ERROR_CODE_INTERNAL,
+				     "commit at position %d failed: %s",
+				     (int)e->start, shm_strerror(rc));
+	} else {
+		s->pending_token = -1;
+		s->crash_count = 0;
+		if (s->request != NULL)
+			request_accept_token(broker, s->request, token,
+					     (uint32_t)(e->start + 1));
+	}
+	broker->finishing_step = false;
+
+	/* The request takes the token and goes on: it is the one fed next. */
+	if (rc == 0 && s->request != NULL && !s->request->finishing &&
+	    s->pending_token == token) {
+		e->start++;
+		return;
+	}
+	step->run_stopped = true;
+	worker_stop_run(worker);
+}
+
+
 void scheduler_step_done(struct broker *broker, struct broker_worker *worker,
 			 const Slabd__Worker__StepReply *reply)
 {
@@ -661,6 +781,10 @@ void scheduler_step_done(struct broker *broker, struct broker_worker *worker,
 		  worker->id, (unsigned long long)step->tokens,
 		  (double)reply->compute_ns / 1e6,
 		  (double)(engine_now_ns() - step->sent_ns) / 1e6);
+	if (reply->more) {
+		run_reply(broker, worker, reply);
+		return;
+	}
 	if (reply->error != NULL && reply->error[0] != '\0') {
 		log_error("worker %d rejected step %llu: %s", worker->id,
 			  (unsigned long long)step->id, reply->error);
@@ -681,6 +805,11 @@ void scheduler_step_done(struct broker *broker, struct broker_worker *worker,
 			else if (s->one_shot)
 				session_close(broker, s);
 		}
+		step->n_entries = 0;
+		return;
+	}
+	if (step->run_stopped) {
+		end_stopped_run(broker, step->entries[0].session);
 		step->n_entries = 0;
 		return;
 	}

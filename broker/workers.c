@@ -400,7 +400,9 @@ static void on_worker_recv(struct loop_op *op, int result)
 	} else if (message->kind_case == SLABD__WORKER__WORKER_MESSAGE__KIND_REPLY &&
 		   worker->state == WORKER_BUSY &&
 		   message->reply->step_id == worker->step.id) {
-		worker->state = WORKER_IDLE;
+		/* A decode run's worker stays busy until its last reply. */
+		if (!message->reply->more)
+			worker->state = WORKER_IDLE;
 		worker->consecutive_failures = 0;
 		scheduler_step_done(broker, worker, message->reply);
 	} else {
@@ -457,6 +459,31 @@ int worker_send_step(struct broker_worker *worker,
 	worker->step.sent_ns = engine_now_ns();
 	return loop_send(broker->loop, &worker->send_op, worker->fd,
 			 worker->send_buffer, size);
+}
+
+
+void worker_stop_run(struct broker_worker *worker)
+{
+	Slabd__Worker__StepRequest request = SLABD__WORKER__STEP_REQUEST__INIT;
+	uint8_t packet[64];
+	size_t size;
+
+	request.step_id = worker->step.id;
+	request.stop_run = true;
+	size = slabd__worker__step_request__get_packed_size(&request);
+	if (size > sizeof(packet))
+		return;
+	slabd__worker__step_request__pack(&request, packet);
+	/*
+	 * The step itself was sent long before (its replies are arriving),
+	 * so this small send does not race the loop's send of it. When it
+	 * fails, the run still ends by itself within its length.
+	 */
+	if (send(worker->fd, packet, size, MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
+		log_warning("cannot ask worker %d to end the decode run of "
+			    "step %llu: %s", worker->id,
+			    (unsigned long long)worker->step.id,
+			    strerror(errno));
 }
 
 

@@ -323,6 +323,92 @@ Test(service, two_turns_match_one, .timeout = TEST_TIMEOUT_S,
 }
 
 
+/* Runs one turn of decode_runs_match_single_steps on a session. */
+static void run_turn(struct slab_client *client, const char *handle, int turn,
+		     struct generation *g)
+{
+	static const char *const stop[] = { "." };
+	struct slab_generate_options options;
+
+	if (turn == 0) {
+		/* Sampled, with the repetition penalty's history in the run. */
+		generation_greedy(&options, handle, "Once upon a time", 37);
+		options.temperature = 0.9f;
+		options.has_top_p = true;
+		options.top_p = 0.9f;
+		options.has_repetition_penalty = true;
+		options.repetition_penalty = 1.3f;
+	} else if (turn == 1) {
+		/* Greedy: a penalty strong enough to change the choices. */
+		generation_greedy(&options, handle, " She", 60);
+		options.has_repetition_penalty = true;
+		options.repetition_penalty = 2.0f;
+	} else if (turn == 2) {
+		/* Ends on a stop string in the middle of a run. */
+		generation_greedy(&options, handle, " Then", 100);
+		options.stop = stop;
+		options.n_stop = 1;
+	} else {
+		generation_greedy(&options, handle, " Next", 20);
+	}
+	generation_run(client, &options, g);
+	cr_assert_eq(g->rc, 0, "turn %d: %s", turn, g->error);
+}
+
+
+/*
+ * A session that decodes alone computes several tokens per step request.
+ * Runs of up to 16 tokens, which end at block ends, at max_tokens and on a
+ * stop string, must give the tokens, text, finish reason and session
+ * length of one step per token, turn after turn on the same session. Long
+ * runs matter for the repetition penalty, whose history the worker extends
+ * within a run.
+ */
+Test(service, decode_runs_match_single_steps, .timeout = TEST_TIMEOUT_S,
+     .fini = service_fini)
+{
+	static struct service single, runs;
+	static struct generation expected[4], got[4];
+	static const char *const single_args[] = { "--decode-run", "1", NULL };
+	static const char *const run_args[] = { "--decode-run", "16",
+						"--log-level", "debug", NULL };
+	char single_handle[SLAB_HANDLE_SIZE], run_handle[SLAB_HANDLE_SIZE];
+	struct slab_client *single_client, *run_client;
+
+	service_init(&single);
+	service_start(&single, single_args);
+	service_init(&runs);
+	service_start(&runs, run_args);
+	single_client = service_connect(&single);
+	run_client = service_connect(&runs);
+	open_session(single_client, single_handle);
+	open_session(run_client, run_handle);
+
+	for (int turn = 0; turn < 4; turn++) {
+		run_turn(single_client, single_handle, turn, &expected[turn]);
+		run_turn(run_client, run_handle, turn, &got[turn]);
+		assert_same_ids(&got[turn], &expected[turn]);
+		cr_assert_str_eq(got[turn].text, expected[turn].text,
+				 "turn %d", turn);
+		cr_assert_eq(got[turn].result.finish_reason,
+			     expected[turn].result.finish_reason, "turn %d",
+			     turn);
+		cr_assert_eq(got[turn].result.committed_length,
+			     expected[turn].result.committed_length,
+			     "turn %d", turn);
+	}
+	cr_assert_eq(expected[2].result.finish_reason, SLAB_FINISH_STOP,
+		     "the third turn ends on its stop string");
+	cr_assert(service_log_contains(&runs, "decode run of 16 tokens"),
+		  "the broker ran no decode run");
+
+	slab_close(single_client);
+	slab_close(run_client);
+	service_stop(&single);
+	service_stop(&runs);
+}
+
+
 /* ---- Streaming, cancel and session requests ----------------------------------- */
 
 

@@ -361,38 +361,23 @@ static int run_sequences(struct worker *w, const Slabd__Worker__StepRequest *ste
 }
 
 
-static void serve_step(struct worker *w, const Slabd__Worker__StepRequest *step)
+/* Sends the reply to step: its results, or err when rc is negative. */
+static void send_reply(struct worker *w, const Slabd__Worker__StepRequest *step,
+		       int rc, const struct engine_error *err,
+		       uint64_t compute_ns, bool more)
 {
 	Slabd__Worker__WorkerMessage message = SLABD__WORKER__WORKER_MESSAGE__INIT;
 	Slabd__Worker__StepReply reply = SLABD__WORKER__STEP_REPLY__INIT;
 	Slabd__Worker__SequenceResult results[step->n_sequences + 1];
 	Slabd__Worker__SequenceResult *result_ptrs[step->n_sequences + 1];
-	struct engine_error err = { .message = "" };
-	uint64_t started = engine_now_ns();
-	int rc;
-
-	if (w->options.fault_injection)
-		act_out_fault(w, step->fault);
-
-	if (step->shift != NULL) {
-		const Slabd__Worker__Shift *shift = step->shift;
-
-		rc = engine_kv_shift(w->engine, &w->kv, shift->source_blocks,
-				     (int32_t)shift->n_source_blocks,
-				     shift->target_blocks,
-				     (int32_t)shift->n_target_blocks,
-				     shift->n_keep, shift->n_discard,
-				     shift->length, &err);
-	} else {
-		rc = run_sequences(w, step, &err);
-	}
 
 	reply.step_id = step->step_id;
-	reply.compute_ns = engine_now_ns() - started;
+	reply.compute_ns = compute_ns;
+	reply.more = more;
 	if (rc < 0) {
-		reply.error = err.message;
+		reply.error = (char *)err->message;
 		log_warning("step %llu rejected: %s",
-			    (unsigned long long)step->step_id, err.message);
+			    (unsigned long long)step->step_id, err->message);
 	} else if (step->shift == NULL) {
 		for (size_t i = 0; i < step->n_sequences; i++) {
 			slabd__worker__sequence_result__init(&results[i]);
@@ -411,6 +396,148 @@ static void serve_step(struct worker *w, const Slabd__Worker__StepRequest *step)
 			  (unsigned long long)step->step_id, strerror(-rc));
 		exit(1);
 	}
+}
+
+
+/*
+ * Tokens the step requests in a run: the run field of its only
+ * sequence when that sequence feeds one token and samples, else 1. A run
+ * never goes past the positions its blocks cover or the context.
+ */
+static int run_length(const struct worker *w,
+		      const Slabd__Worker__StepRequest *step)
+{
+	const Slabd__Worker__Sequence *s;
+	int64_t covered, run;
+
+	if (step->shift != NULL || step->n_sequences != 1)
+		return 1;
+	s = step->sequences[0];
+	if (s->run <= 1 || s->n_tokens != 1 || !s->sample || s->start < 0)
+		return 1;
+	run = s->run;
+	covered = (int64_t)s->n_blocks * w->kv.block_tokens - s->start;
+	if (run > covered)
+		run = covered;
+	if (run > (int64_t)w->options.max_context - s->start)
+		run = (int64_t)w->options.max_context - s->start;
+	return run > 1 ? (int)run : 1;
+}
+
+
+/*
+ * True when the broker asked to end the run of step_id. Called between
+ * the tokens of a run, when the broker sends nothing but such requests.
+ */
+static bool run_stop_requested(struct worker *w, uint64_t step_id)
+{
+	uint8_t packet[256];
+	bool stop = false;
+	ssize_t n;
+
+	while ((n = recv(w->options.fd, packet, sizeof(packet),
+			 MSG_DONTWAIT)) > 0) {
+		Slabd__Worker__StepRequest *request =
+			slabd__worker__step_request__unpack(NULL, (size_t)n,
+							    packet);
+
+		if (request == NULL || !request->stop_run) {
+			log_error("the broker sent a step of %zd bytes during "
+				  "the decode run of step %llu",
+				  n, (unsigned long long)step_id);
+			exit(1);
+		}
+		stop |= request->step_id == step_id;
+		slabd__worker__step_request__free_unpacked(request, NULL);
+	}
+	return stop;
+}
+
+
+/*
+ * Runs a decode run: the step's sequence, then each sampled token fed at
+ * the next position, with one reply per token. The step stays as the
+ * broker sent it; copies of its sequence carry the advancing position,
+ * token and repetition history.
+ */
+static void serve_run(struct worker *w, const Slabd__Worker__StepRequest *step,
+		      int run)
+{
+	const Slabd__Worker__Sequence *first = step->sequences[0];
+	Slabd__Worker__Sequence sequence = *first;
+	Slabd__Worker__Sequence *sequences[1] = { &sequence };
+	Slabd__Worker__StepRequest current = *step;
+	int32_t history[ENGINE_PENALTY_WINDOW];
+	size_t n_history = first->n_history < ENGINE_PENALTY_WINDOW
+				   ? first->n_history
+				   : ENGINE_PENALTY_WINDOW;
+	int32_t token = first->tokens[0];
+
+	memcpy(history, first->history + (first->n_history - n_history),
+	       n_history * sizeof(int32_t));
+	sequence.tokens = &token;
+	sequence.history = history;
+	sequence.n_history = n_history;
+	current.sequences = sequences;
+
+	for (int k = 1;; k++) {
+		struct engine_error err = { .message = "" };
+		uint64_t started = engine_now_ns();
+		int rc = run_sequences(w, &current, &err);
+		bool more = rc == 0 && k < run &&
+			    !engine_is_end_token(w->results[0]) &&
+			    !run_stop_requested(w, step->step_id);
+
+		send_reply(w, &current, rc, &err, engine_now_ns() - started,
+			   more);
+		if (!more)
+			return;
+
+		/* The sampled token is fed next; a history keeps its window. */
+		token = w->results[0];
+		sequence.start++;
+		if (first->n_history > 0) {
+			if (n_history == ENGINE_PENALTY_WINDOW) {
+				memmove(history, history + 1,
+					(n_history - 1) * sizeof(int32_t));
+				n_history--;
+			}
+			history[n_history++] = token;
+			sequence.n_history = n_history;
+		}
+	}
+}
+
+
+static void serve_step(struct worker *w, const Slabd__Worker__StepRequest *step)
+{
+	struct engine_error err = { .message = "" };
+	uint64_t started = engine_now_ns();
+	int run, rc;
+
+	if (step->stop_run)
+		return; /* the run it names has ended already */
+	if (w->options.fault_injection)
+		act_out_fault(w, step->fault);
+
+	run = run_length(w, step);
+	if (run > 1) {
+		serve_run(w, step, run);
+		return;
+	}
+	if (step->shift != NULL) {
+		const Slabd__Worker__Shift *shift = step->shift;
+
+		rc = engine_kv_shift(w->engine, &w->kv, shift->source_blocks,
+				     (int32_t)shift->n_source_blocks,
+				     shift->target_blocks,
+				     (int32_t)shift->n_target_blocks,
+				     shift->n_keep, shift->n_discard,
+				     shift->length, &err);
+	} else {
+		rc = run_sequences(w, step, &err);
+	}
+	send_reply(w, step, rc, &err, engine_now_ns() - started, false);
 }
 
 
