@@ -473,8 +473,9 @@ static void serve_run(struct worker *w, const Slabd__Worker__StepRequest *step,
 				   : ENGINE_PENALTY_WINDOW;
 	int32_t token = first->tokens[0];
 
-	memcpy(history, first->history + (first->n_history - n_history),
-	       n_history * sizeof(int32_t));
+	if (n_history > 0)
+		memcpy(history, first->history + (first->n_history - n_history),
+		       n_history * sizeof(int32_t));
 	sequence.tokens = &token;
 	sequence.history = history;
 	sequence.n_history = n_history;
