@@ -133,6 +133,7 @@ struct broker_step {
 	uint64_t tokens;
 	int run;                  /* replies a decode run may still send, else 0 */
 	bool run_stopped;         /* the run's later tokens are not wanted */
+	bool run_yielding;        /* the run was asked to end for other work */
 };
 
 enum broker_worker_state {

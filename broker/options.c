@@ -41,7 +41,7 @@ static void usage(FILE *out)
 "  --max-batch N                sessions in one worker step (default 32)\n"
 "  --prefill-chunk N            prompt tokens of one session per step (default 128)\n"
 "  --decode-run N               tokens a session decoding alone computes per\n"
-"                               step request, 1 for one each (default 16)\n"
+"                               step request, 1 for one each (default 64)\n"
 "  --max-sessions N             open sessions at most (default 256)\n"
 "  --max-tokens-cap N           largest max_tokens of a request (default 16777216)\n"
 "  --session-idle-timeout SECONDS  close sessions unused this long, 0 = never\n"
@@ -226,7 +226,7 @@ int broker_parse_options(int argc, char **argv, struct broker_config *config)
 		.block_tokens = SHM_DEFAULT_BLOCK_TOKENS,
 		.max_batch = 32,
 		.prefill_chunk = 128,
-		.decode_run = 16,
+		.decode_run = 64,
 		.max_sessions = 256,
 		.session_idle_timeout = 600,
 		.max_frame = FRAME_DEFAULT_MAX,

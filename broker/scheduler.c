@@ -373,27 +373,42 @@ static void add_sequence(struct broker *broker, struct broker_step *step,
 static void make_decode_run(struct broker *broker, struct broker_step *step)
 {
 	const struct broker_step_entry *e = &step->entries[0];
-	const struct broker_session *s = e->session;
+	struct broker_session *s = e->session;
 	const struct broker_request *r = s->request;
+	int64_t bt = broker->config.block_tokens;
 	int64_t run = broker->config.decode_run;
-	int64_t covered = (int64_t)s->n_blocks * broker->config.block_tokens -
-			  e->start;
 
 	if (step->n_entries != 1 || run <= 1 || broker->runnable_head != NULL ||
 	    broker->config.n_faults > 0 || !e->sample || e->n != 1 ||
 	    s->pending_token < 0 || s->refeed_last || s->solo || r == NULL ||
 	    r->finishing || r->cancelled)
 		return;
-	if (run > covered)
-		run = covered;
 	if (run > (int64_t)s->context_limit - e->start)
 		run = (int64_t)s->context_limit - e->start;
 	if (r->max_tokens > 0 && run > (int64_t)r->max_tokens - (int64_t)r->generated)
 		run = (int64_t)r->max_tokens - (int64_t)r->generated;
+
+	/*
+	 * Rent the blocks the run may reach, while free blocks last: a run
+	 * evicts no other session. They are committed as positions reach
+	 * them, and returned with the request's other rented blocks.
+	 */
+	while (s->n_blocks * bt < e->start + run) {
+		uint32_t index;
+
+		if (shm_pool_rent(broker->arena, &broker->kv_shape, &s->handle,
+				  &index) < 0)
+			break;
+		s->blocks[s->n_blocks++] = (int32_t)index;
+		s->n_rented++;
+	}
+	if (run > (int64_t)s->n_blocks * bt - e->start)
+		run = (int64_t)s->n_blocks * bt - e->start;
 	if (run <= 1)
 		return;
 	step->run = (int)run;
 	message.sequences[0].run = (int32_t)run;
+	message.sequences[0].n_blocks = s->n_blocks;
 	log_debug("session %u/%u: decode run of %d tokens from position %d",
 		  s->handle.slot, s->handle.generation, (int)run, (int)e->start);
 }
@@ -410,6 +425,7 @@ static void build_step(struct broker *broker, struct broker_worker *worker)
 	step->tokens = 0;
 	step->run = 0;
 	step->run_stopped = false;
+	step->run_yielding = false;
 	slabd__worker__step_request__init(&message.request);
 
 	while (*link != NULL && step->n_entries < broker->config.max_batch &&
@@ -545,6 +561,24 @@ void scheduler_run(struct broker *broker)
 		if (worker->state == WORKER_IDLE)
 			build_step(broker, worker);
 	}
+
+	/*
+	 * Sessions still waiting: decode runs end after their current token,
+	 * so that their sessions join batches with the waiting ones. The
+	 * token they end on is kept.
+	 */
+	for (int i = 0; i < broker->config.workers && broker->runnable_head; i++) {
+		struct broker_worker *worker = &broker->workers[i];
+
+		if (worker->state == WORKER_BUSY && worker->step.run > 0 &&
+		    !worker->step.run_stopped && !worker->step.run_yielding) {
+			log_debug("worker %d: decode run of step %llu ends for "
+				  "a waiting session", worker->id,
+				  (unsigned long long)worker->step.id);
+			worker->step.run_yielding = true;
+			worker_stop_run(worker);
+		}
+	}
 }
 
 
@@ -584,19 +618,24 @@ static int commit_sequence(struct broker *broker, struct broker_session *s,
 			   const struct broker_step_entry *e,
 			   const int32_t *tokens)
 {
+	uint32_t bt = (uint32_t)broker->config.block_tokens;
+	uint32_t committed_blocks = s->n_blocks - s->n_rented;
+	uint32_t needed = ((uint32_t)(e->start + e->n) + bt - 1) / bt;
+	uint32_t n_new = needed > committed_blocks ? needed - committed_blocks : 0;
 	uint32_t new_blocks[s->n_rented + 1];
 	int rc;
 
 	if ((uint32_t)e->start < s->committed)
 		return 0; /* the last position computed again, nothing new */
-	for (uint32_t i = 0; i < s->n_rented; i++)
-		new_blocks[i] = (uint32_t)s->blocks[s->n_blocks - s->n_rented + i];
+	/* A decode run rents ahead: blocks past the new length stay rented. */
+	for (uint32_t i = 0; i < n_new; i++)
+		new_blocks[i] = (uint32_t)s->blocks[committed_blocks + i];
 	rc = shm_session_commit(broker->arena, &s->handle, tokens,
-				(uint32_t)e->n, new_blocks, s->n_rented);
+				(uint32_t)e->n, new_blocks, n_new);
 	if (rc < 0)
 		return rc;
 	s->committed = (uint32_t)(e->start + e->n);
-	s->n_rented = 0;
+	s->n_rented -= n_new;
 	return 0;
 }
 
@@ -709,33 +748,21 @@ static void end_stopped_run(struct broker *broker, struct broker_session *s)
 
 
 /*
- * Takes one reply of a decode run that more replies follow. The token is
- * committed and delivered as a step of its own would be, but the session
- * stays in the step, since the worker goes on writing its KV rows. When the
- * request ends or fails on this token, the worker is asked to stop and the
- * tokens it sends until then are dropped.
+ * Takes one token of a decode run that is not the last of the run. The
+ * token is committed and delivered as a step of its own would be, but the
+ * session stays in the step, since the worker goes on writing its KV rows.
+ * When the request ends or fails on this token, the worker is asked to
+ * stop and the tokens it sends until then are dropped.
  */
-static void run_reply(struct broker *broker, struct broker_worker *worker,
-		      const Slabd__Worker__StepReply *reply)
+static void run_token(struct broker *broker, struct broker_worker *worker,
+		      int32_t token)
 {
 	struct broker_step *step = &worker->step;
 	struct broker_step_entry *e = &step->entries[0];
 	struct broker_session *s = e->session;
-	int32_t token = -1;
 	int rc;
 
-	if (step->run > 1 && (reply->error == NULL || reply->error[0] == '\0') &&
-	    reply->n_results == 1 && reply->results[0]->slot == s->handle.slot)
-		token = reply->results[0]->token;
-	if (token < 0) {
-		log_error("worker %d sent a reply with more tokens to come for "
-			  "step %llu, which is not a decode run with tokens "
-			  "left", worker->id, (unsigned long long)step->id);
-		worker_kill(worker, "unexpected decode run reply");
-		return;
-	}
 	step->run--;
-	step->sent_ns = engine_now_ns();
 	if (step->run_stopped)
 		return;
 
@@ -770,6 +797,44 @@ static void run_reply(struct broker *broker, struct broker_worker *worker,
 }
 
 
+/*
+ * Takes a reply of a decode run: the tokens it carries before its last,
+ * and its last too when more replies follow. The last token of the final
+ * reply is left to the caller, which finishes the step with it. Returns
+ * false when the reply does not fit the run and the worker was killed.
+ */
+static bool run_reply(struct broker *broker, struct broker_worker *worker,
+		      const Slabd__Worker__StepReply *reply)
+{
+	struct broker_step *step = &worker->step;
+	const Slabd__Worker__SequenceResult *result =
+		reply->n_results == 1 ? reply->results[0] : NULL;
+	size_t tokens = result != NULL ? result->n_earlier + 1 : 0;
+	bool valid = step->run > 0 && result != NULL &&
+		     result->slot == step->entries[0].session->handle.slot &&
+		     result->token >= 0 &&
+		     tokens + (reply->more ? 1 : 0) <= (size_t)step->run;
+
+	for (size_t i = 0; valid && i + 1 < tokens; i++)
+		valid = result->earlier[i] >= 0;
+	if (!valid) {
+		log_error("worker %d sent a reply to step %llu that does not "
+			  "fit its decode run (%d tokens left)", worker->id,
+			  (unsigned long long)step->id, step->run);
+		worker_kill(worker, "unexpected decode run reply");
+		return false;
+	}
+	/* Each token of a run is a step of the model; the reply counts one. */
+	broker->stats.steps += tokens - 1;
+	step->sent_ns = engine_now_ns();
+	for (size_t i = 0; i + 1 < tokens; i++)
+		run_token(broker, worker, result->earlier[i]);
+	if (reply->more)
+		run_token(broker, worker, result->token);
+	return true;
+}
+
+
 void scheduler_step_done(struct broker *broker, struct broker_worker *worker,
 			 const Slabd__Worker__StepReply *reply)
 {
@@ -781,10 +846,6 @@ void scheduler_step_done(struct broker *broker, struct broker_worker *worker,
 		  worker->id, (unsigned long long)step->tokens,
 		  (double)reply->compute_ns / 1e6,
 		  (double)(engine_now_ns() - step->sent_ns) / 1e6);
-	if (reply->more) {
-		run_reply(broker, worker, reply);
-		return;
-	}
 	if (reply->error != NULL && reply->error[0] != '\0') {
 		log_error("worker %d rejected step %llu: %s", worker->id,
 			  (unsigned long long)step->id, reply->error);
@@ -808,10 +869,14 @@ void scheduler_step_done(struct broker *broker, struct broker_worker *worker,
 		step->n_entries = 0;
 		return;
 	}
-	if (step->run_stopped) {
-		end_stopped_run(broker, step->entries[0].session);
-		step->n_entries = 0;
-		return;
+	if (reply->more || step->run > 0) {
+		if (!run_reply(broker, worker, reply) || reply->more)
+			return;
+		if (step->run_stopped) {
+			end_stopped_run(broker, step->entries[0].session);
+			step->n_entries = 0;
+			return;
+		}
 	}
 
 	for (int i = 0; i < step->n_entries; i++) {

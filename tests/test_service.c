@@ -188,6 +188,7 @@ struct client_thread {
 	uint32_t max_tokens;
 	int connect_rc;
 	struct generation g;
+	pthread_t thread;
 };
 
 
@@ -406,6 +407,71 @@ Test(service, decode_runs_match_single_steps, .timeout = TEST_TIMEOUT_S,
 	slab_close(run_client);
 	service_stop(&single);
 	service_stop(&runs);
+}
+
+
+/* Starts the second client of decode_run_yields once the first has 10 tokens. */
+static void start_second_client(struct generation *g)
+{
+	struct client_thread *second = g->user;
+
+	if (g->n_tokens == 10)
+		cr_assert_eq(pthread_create(&second->thread, NULL,
+					    client_thread_run, second), 0);
+}
+
+
+/*
+ * A decode run may cover a whole generation, but a session that starts
+ * meanwhile must not wait for it: the run ends after its current token and
+ * both sessions are batched. With one worker, the short second generation
+ * then finishes long before the first.
+ */
+Test(service, decode_run_yields_to_new_session, .timeout = TEST_TIMEOUT_S,
+     .fini = service_fini)
+{
+	static struct service service;
+	static struct generation first;
+	static struct client_thread second;
+	static char expected_first[8192], expected_second[8192];
+	static const char *const args[] = { "--workers", "1", "--decode-run",
+					    "1024", "--log-level", "debug",
+					    NULL };
+	struct slab_generate_options options;
+	struct slab_client *client;
+
+	reference_completion("The sun was hot and", 300, expected_first,
+			     sizeof(expected_first));
+	reference_completion("Sam liked to", 20, expected_second,
+			     sizeof(expected_second));
+	service_init(&service);
+	service_start(&service, args);
+	client = service_connect(&service);
+
+	second = (struct client_thread){ .service = &service,
+					 .prompt = "Sam liked to",
+					 .max_tokens = 20 };
+	first.on_token = start_second_client;
+	first.user = &second;
+	generation_greedy(&options, NULL, "The sun was hot and", 300);
+	generation_run(client, &options, &first);
+	cr_assert_eq(first.rc, 0, "first generation: %s", first.error);
+	cr_assert_gt(first.n_tokens, 10);
+	pthread_join(second.thread, NULL);
+	cr_assert_eq(second.connect_rc, 0, "connect: %s",
+		     strerror(-second.connect_rc));
+	cr_assert_eq(second.g.rc, 0, "second generation: %s", second.g.error);
+
+	cr_assert_str_eq(first.text, expected_first);
+	cr_assert_str_eq(second.g.text, expected_second);
+	cr_assert_lt(second.g.arrival_ns[second.g.n_tokens - 1],
+		     first.arrival_ns[first.n_tokens - 1],
+		     "the second generation ended after the first");
+	cr_assert(service_log_contains(&service, "ends for a waiting session"),
+		  "no decode run ended for the waiting session");
+
+	slab_close(client);
+	service_stop(&service);
 }
 
 

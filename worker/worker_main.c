@@ -21,6 +21,12 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+/*
+ * Shortest time between two replies of a decode run; tokens computed
+ * faster go out together in the next reply.
+ */
+#define RUN_REPLY_INTERVAL_NS 1000000
+
 /* How long a worker polls for its next step before it blocks. */
 #define POLL_BEFORE_BLOCK_NS 100000
 
@@ -361,10 +367,15 @@ static int run_sequences(struct worker *w, const Slabd__Worker__StepRequest *ste
 }
 
 
-/* Sends the reply to step: its results, or err when rc is negative. */
+/*
+ * Sends the reply to step: its results, or err when rc is negative. A
+ * decode run's reply also carries the n_earlier tokens sampled before the
+ * sequence's result.
+ */
 static void send_reply(struct worker *w, const Slabd__Worker__StepRequest *step,
 		       int rc, const struct engine_error *err,
-		       uint64_t compute_ns, bool more)
+		       uint64_t compute_ns, bool more, int32_t *earlier,
+		       size_t n_earlier)
 {
 	Slabd__Worker__WorkerMessage message = SLABD__WORKER__WORKER_MESSAGE__INIT;
 	Slabd__Worker__StepReply reply = SLABD__WORKER__STEP_REPLY__INIT;
@@ -387,6 +398,8 @@ static void send_reply(struct worker *w, const Slabd__Worker__StepRequest *step,
 		}
 		reply.n_results = step->n_sequences;
 		reply.results = result_ptrs;
+		results[0].earlier = earlier;
+		results[0].n_earlier = n_earlier;
 	}
 	message.kind_case = SLABD__WORKER__WORKER_MESSAGE__KIND_REPLY;
 	message.reply = &reply;
@@ -481,16 +494,37 @@ static void serve_run(struct worker *w, const Slabd__Worker__StepRequest *step,
 	sequence.n_history = n_history;
 	current.sequences = sequences;
 
+	int32_t earlier[run];
+	size_t n_earlier = 0;
+	uint64_t replied = engine_now_ns();
+	uint64_t compute_ns = 0;
+
 	for (int k = 1;; k++) {
 		struct engine_error err = { .message = "" };
 		uint64_t started = engine_now_ns();
 		int rc = run_sequences(w, &current, &err);
 		bool more = rc == 0 && k < run &&
-			    !engine_is_end_token(w->results[0]) &&
-			    !run_stop_requested(w, step->step_id);
+			    !engine_is_end_token(w->results[0]);
+		uint64_t now = engine_now_ns();
+		bool reply_due = now - replied >= RUN_REPLY_INTERVAL_NS;
 
-		send_reply(w, &current, rc, &err, engine_now_ns() - started,
-			   more);
+		/*
+		 * Tokens that come fast wait for the next reply: each reply
+		 * costs a system call here and a wake-up of the broker. A
+		 * request to stop is looked for when a reply is due.
+		 */
+		if (more && reply_due)
+			more = !run_stop_requested(w, step->step_id);
+		compute_ns += now - started;
+		if (!more || reply_due) {
+			send_reply(w, &current, rc, &err, compute_ns, more,
+				   earlier, rc < 0 ? 0 : n_earlier);
+			replied = now;
+			compute_ns = 0;
+			n_earlier = 0;
+		} else {
+			earlier[n_earlier++] = w->results[0];
+		}
 		if (!more)
 			return;
 
@@ -538,7 +572,8 @@ static void serve_step(struct worker *w, const Slabd__Worker__StepRequest *step)
 	} else {
 		rc = run_sequences(w, step, &err);
 	}
-	send_reply(w, step, rc, &err, engine_now_ns() - started, false);
+	send_reply(w, step, rc, &err, engine_now_ns() - started, false, NULL,
+		   0);
 }
 
 
