@@ -90,6 +90,12 @@ void kernel_matmul(float *out, int out_stride, const float *x, int n_tokens,
 /* out (n) = x (n) normalized by its root mean square, times weight (n). */
 void kernel_rmsnorm(float *out, const float *x, const float *weight, int n);
 
+/*
+ * Index of the largest of x (n): the first one on ties, NaN values left out
+ * (but a NaN x[0] is returned as the largest).
+ */
+int32_t kernel_argmax(const float *x, int32_t n);
+
 /* x (n) becomes its softmax, in place. */
 void kernel_softmax(float *x, int n);
 

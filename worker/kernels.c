@@ -652,6 +652,48 @@ void kernel_softmax(float *x, int n)
 }
 
 
+__attribute__((target("avx512f,avx512dq"))) static int32_t
+argmax_avx512(const float *x, int32_t n)
+{
+	__m512 max = _mm512_set1_ps(x[0]);
+	__m512 top;
+
+	/* max_ps returns its second operand when either is NaN. */
+	for (int32_t i = 0; i < n; i += LANES) {
+		__mmask16 mask = n - i >= LANES ? (__mmask16)0xffff
+						: (__mmask16)((1u << (n - i)) - 1);
+
+		max = _mm512_mask_max_ps(max, mask,
+					 _mm512_maskz_loadu_ps(mask, x + i), max);
+	}
+	top = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+	for (int32_t i = 0; i < n; i += LANES) {
+		__mmask16 mask = n - i >= LANES ? (__mmask16)0xffff
+						: (__mmask16)((1u << (n - i)) - 1);
+		__mmask16 equal = _mm512_mask_cmp_ps_mask(
+			mask, _mm512_maskz_loadu_ps(mask, x + i), top, _CMP_EQ_OQ);
+
+		if (equal != 0)
+			return i + __builtin_ctz(equal);
+	}
+	return 0;
+}
+
+
+int32_t kernel_argmax(const float *x, int32_t n)
+{
+	int32_t best = 0;
+
+	/* A NaN first value stays the best, as the comparisons below keep it. */
+	if (selected_isa == ISA_AVX512 && x[0] == x[0])
+		return argmax_avx512(x, n);
+	for (int32_t i = 1; i < n; i++)
+		if (x[i] > x[best])
+			best = i;
+	return best;
+}
+
+
 void kernel_rope(float *x, int n_heads, int head_size, const float *cos_sin)
 {
 	for (int h = 0; h < n_heads; h++) {

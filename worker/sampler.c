@@ -164,12 +164,7 @@ static void select_best(struct candidate *c, int32_t n, int32_t k)
 
 static int32_t argmax(const float *logits, int32_t n)
 {
-	int32_t best = 0;
-
-	for (int32_t i = 1; i < n; i++)
-		if (logits[i] > logits[best])
-			best = i;
-	return best;
+	return kernel_argmax(logits, n);
 }
 
 
