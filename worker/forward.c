@@ -27,6 +27,9 @@
 /* Positions whose K or V rows attention reads in one run. */
 #define ATTENTION_ROWS 16
 
+/* Tokens of one sequence whose attention shares the runs of rows. */
+#define ATTENTION_TOKENS 8
+
 /* Activations of fewer elements are quantized on one thread. */
 #define QUANTIZE_PARALLEL_MIN (1 << 14)
 
@@ -78,7 +81,8 @@ struct engine {
 	float *v;         /* (max_step_tokens, kv_dim) */
 	float *hb;        /* (max_step_tokens, hidden_dim) */
 	float *hb2;       /* (max_step_tokens, hidden_dim) */
-	float *att;       /* (threads, n_heads, max_context) attention scores */
+	float *att;       /* (threads, ATTENTION_TOKENS, n_heads, max_context)
+			     attention scores */
 	float *kv_rows;   /* (threads, ATTENTION_ROWS, kv_dim) float16 rows
 			     widened */
 	bool avx512;      /* attention runs its AVX-512 path */
@@ -90,6 +94,9 @@ struct engine {
 	int32_t *xs;      /* (max_step_tokens, max(dim, hidden_dim) / 32) */
 	int32_t *token_sequence; /* (max_step_tokens) sequence of each token */
 	int32_t *token_position; /* (max_step_tokens) position of each token */
+	int32_t *query_blocks;   /* (max_step_tokens + 1) first token of each
+				    query block, then n_tokens */
+	int n_query_blocks;
 
 	/* State of the step being run, read by the attention task. */
 	const struct engine_kv *kv;
@@ -386,8 +393,11 @@ reduce_four_scores(float *scores, const __m512 acc[4], float scale)
 	__m512 t2 = _mm512_add_ps(t4, _mm512_shuffle_ps(t4, t4, 0x4e));
 	__m512 t1 = _mm512_add_ps(t2, _mm512_shuffle_ps(t2, t2, 0xb1));
 
-	_mm512_mask_compressstoreu_ps(scores, 0x1111,
-				      _mm512_div_ps(t1, _mm512_set1_ps(scale)));
+	/* Lanes 0, 4, 8 and 12 hold the sums; compressing into a register
+	 * is much faster than into memory on AMD processors. */
+	__m128 sums = _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, t1));
+
+	_mm_storeu_ps(scores, _mm_div_ps(sums, _mm_set1_ps(scale)));
 }
 
 
@@ -463,19 +473,39 @@ attention_values_avx512(float *out, const float *weights,
 			const struct kv_run *run, size_t offset, int n_rows,
 			int n)
 {
-	for (int k = 0; k < n; k += 16) {
-		__mmask16 mask = n - k >= 16 ? (__mmask16)0xffff
-					     : (__mmask16)((1u << (n - k)) - 1);
-		__m512 sum = _mm512_maskz_loadu_ps(mask, out + k);
+	/*
+	 * Up to four registers of out at a time, so that four chains of
+	 * adds run side by side: each element still adds the rows in order.
+	 */
+	for (int first = 0; first < n; first += 64) {
+		__mmask16 mask[4];
+		__m512 sum[4];
 
-		for (int r = 0; r < n_rows; r++)
-			sum = _mm512_add_ps(
-				sum,
-				_mm512_mul_ps(_mm512_set1_ps(weights[r]),
-					      run_load(run,
-						       r * run->stride + offset + k,
-						       mask)));
-		_mm512_mask_storeu_ps(out + k, mask, sum);
+#pragma GCC unroll 4
+		for (int c = 0; c < 4; c++) {
+			int k = first + 16 * c;
+
+			mask[c] = k >= n ? 0
+				: n - k >= 16 ? (__mmask16)0xffff
+					      : (__mmask16)((1u << (n - k)) - 1);
+			sum[c] = _mm512_maskz_loadu_ps(mask[c], out + k);
+		}
+		for (int r = 0; r < n_rows; r++) {
+			__m512 weight = _mm512_set1_ps(weights[r]);
+
+#pragma GCC unroll 4
+			for (int c = 0; c < 4; c++)
+				sum[c] = _mm512_add_ps(
+					sum[c],
+					_mm512_mul_ps(weight,
+						      run_load(run,
+							       r * run->stride + offset +
+								       first + 16 * c,
+							       mask[c])));
+		}
+#pragma GCC unroll 4
+		for (int c = 0; c < 4; c++)
+			_mm512_mask_storeu_ps(out + first + 16 * c, mask[c], sum[c]);
 	}
 }
 
@@ -515,11 +545,13 @@ static void attention_values(const struct engine *engine, float *out,
 
 /*
  * Attention of every (token, query head) pair of the step, split among
- * threads in items of one token and a range of its heads. Each pair reads
- * positions 0 .. its own position from the cache, in ascending order, so
- * its result does not depend on the step or on the items. Positions are
- * read in runs of up to ATTENTION_ROWS rows within one KV block, and the
- * heads of an item share each run: their parts of a row are adjacent.
+ * threads in items of a query block (up to ATTENTION_TOKENS consecutive
+ * tokens of one sequence) and a range of heads. Each pair reads positions
+ * 0 .. its own position from the cache, in ascending order, so its result
+ * does not depend on the step or on the items. Positions are read in runs
+ * of up to ATTENTION_ROWS rows within one KV block. The heads and tokens of
+ * an item share each run while it is in the L1 cache: the heads' parts of a
+ * row are adjacent, and a prefill's tokens read the same rows.
  */
 static void attention_task_run(void *arg, int ith, int nth)
 {
@@ -527,52 +559,56 @@ static void attention_task_run(void *arg, int ith, int nth)
 	const struct engine_shape *shape = &engine->model->shape;
 	int head_size = engine_head_size(shape);
 	int kv_group = shape->n_heads / shape->n_kv_heads;
-	int n_tokens = engine->n_tokens;
+	int n_blocks = engine->n_query_blocks;
 	int block_tokens = (int)engine->kv->block_tokens;
 	size_t max_context = (size_t)engine->options.max_context;
-	float *att = engine->att + (size_t)ith * shape->n_heads * max_context;
+	size_t head_scores = (size_t)shape->n_heads * max_context;
+	float *att = engine->att + (size_t)ith * ATTENTION_TOKENS * head_scores;
 	float *scratch = engine->kv_rows +
 			 (size_t)ith * ATTENTION_ROWS * engine_kv_dim(shape);
 	float scale = sqrtf((float)head_size);
 
 	/*
-	 * Split the heads of a token when there are few tokens, so that
+	 * Split the heads of a block when there are few blocks, so that
 	 * every thread gets several items. Threads take every nth item: a
 	 * later token attends to more positions, so contiguous ranges would
 	 * give the last thread the most work.
 	 */
-	int ranges = (4 * nth + n_tokens - 1) / n_tokens;
+	int ranges = (4 * nth + n_blocks - 1) / n_blocks;
 
 	ranges = ranges < shape->n_heads ? ranges : shape->n_heads;
 
 	int per_range = (shape->n_heads + ranges - 1) / ranges;
 
 	ranges = (shape->n_heads + per_range - 1) / per_range;
-	for (int item = ith; item < n_tokens * ranges; item += nth) {
-		int t = item / ranges;
+	for (int item = ith; item < n_blocks * ranges; item += nth) {
+		int t_begin = engine->query_blocks[item / ranges];
+		int t_end = engine->query_blocks[item / ranges + 1];
 		int h_begin = item % ranges * per_range;
 		int h_end = h_begin + per_range < shape->n_heads
 				    ? h_begin + per_range
 				    : shape->n_heads;
-		int position = engine->token_position[t];
+		/* Tokens of a block have ascending positions. */
+		int last = engine->token_position[t_end - 1];
 		const struct engine_sequence *sequence =
-			&engine->sequences[engine->token_sequence[t]];
+			&engine->sequences[engine->token_sequence[t_begin]];
 		/* KV heads of the range, a contiguous part of each row. */
 		int kv_begin = h_begin / kv_group;
 		int kv_width = ((h_end - 1) / kv_group - kv_begin + 1) * head_size;
 
 		for (int kv = 0; kv < 2; kv++) {
-			for (int h = h_begin; kv == 1 && h < h_end; h++) {
-				kernel_softmax(att + (size_t)(h - h_begin) *
-							     max_context,
-					       position + 1);
-				memset(engine->xb2 + (size_t)t * shape->dim +
-					       (size_t)h * head_size,
-				       0, (size_t)head_size * sizeof(float));
-			}
-			for (int first = 0; first <= position;) {
+			for (int t = t_begin; kv == 1 && t < t_end; t++)
+				for (int h = h_begin; h < h_end; h++) {
+					kernel_softmax(att + (size_t)(t - t_begin) * head_scores +
+							       (size_t)(h - h_begin) * max_context,
+						       engine->token_position[t] + 1);
+					memset(engine->xb2 + (size_t)t * shape->dim +
+						       (size_t)h * head_size,
+					       0, (size_t)head_size * sizeof(float));
+				}
+			for (int first = 0; first <= last;) {
 				int in_block = block_tokens - first % block_tokens;
-				int n_rows = position + 1 - first;
+				int n_rows = last + 1 - first;
 				struct kv_run run;
 
 				n_rows = n_rows < in_block ? n_rows : in_block;
@@ -585,22 +621,30 @@ static void attention_task_run(void *arg, int ith, int nth)
 				for (int h = h_begin; h < h_end; h++) {
 					size_t head = (size_t)(h / kv_group - kv_begin) *
 						      head_size;
-					float *scores = att + (size_t)(h - h_begin) *
-								      max_context;
-					size_t offset = (size_t)t * shape->dim +
-							(size_t)h * head_size;
 
-					if (kv == 0)
-						attention_scores(engine, scores + first,
-								 engine->q + offset,
-								 &run, head, n_rows,
-								 head_size, scale);
-					else
-						attention_values(engine,
-								 engine->xb2 + offset,
-								 scores + first, &run,
-								 head, n_rows,
-								 head_size);
+					for (int t = t_begin; t < t_end; t++) {
+						int rows = engine->token_position[t] + 1 - first;
+						float *scores = att +
+								(size_t)(t - t_begin) * head_scores +
+								(size_t)(h - h_begin) * max_context +
+								first;
+						size_t offset = (size_t)t * shape->dim +
+								(size_t)h * head_size;
+
+						rows = rows < n_rows ? rows : n_rows;
+						if (rows <= 0)
+							continue;
+						if (kv == 0)
+							attention_scores(engine, scores,
+									 engine->q + offset,
+									 &run, head, rows,
+									 head_size, scale);
+						else
+							attention_values(engine,
+									 engine->xb2 + offset,
+									 scores, &run, head,
+									 rows, head_size);
+					}
 				}
 				first += n_rows;
 			}
@@ -889,6 +933,15 @@ int engine_step(struct engine *engine, const struct engine_kv *kv,
 	}
 	engine->n_tokens = n;
 
+	/* Query blocks: runs of up to ATTENTION_TOKENS tokens of a sequence. */
+	engine->n_query_blocks = 0;
+	for (int t = 0; t < n; t++)
+		if (t == 0 || engine->token_sequence[t] != engine->token_sequence[t - 1] ||
+		    t - engine->query_blocks[engine->n_query_blocks - 1] >=
+			    ATTENTION_TOKENS)
+			engine->query_blocks[engine->n_query_blocks++] = t;
+	engine->query_blocks[engine->n_query_blocks] = n;
+
 	for (int layer = 0; layer < shape->n_layers; layer++)
 		forward_layer(engine, layer);
 	compute_logits(engine, n_sequences);
@@ -1142,7 +1195,8 @@ int engine_create(const struct engine_model *model,
 	engine->v = alloc_floats(tokens * kv_dim, &failed);
 	engine->hb = alloc_floats(tokens * hidden, &failed);
 	engine->hb2 = alloc_floats(tokens * hidden, &failed);
-	engine->att = alloc_floats(threads * (size_t)shape->n_heads * context,
+	engine->att = alloc_floats(threads * ATTENTION_TOKENS *
+					   (size_t)shape->n_heads * context,
 				   &failed);
 	engine->kv_rows = alloc_floats(threads * ATTENTION_ROWS * kv_dim,
 				       &failed);
@@ -1154,6 +1208,7 @@ int engine_create(const struct engine_model *model,
 				      &failed);
 	engine->token_sequence = calloc(tokens, sizeof(int32_t));
 	engine->token_position = calloc(tokens, sizeof(int32_t));
+	engine->query_blocks = calloc(tokens + 1, sizeof(int32_t));
 
 	size_t widest = dim > hidden ? dim : hidden;
 
@@ -1161,7 +1216,8 @@ int engine_create(const struct engine_model *model,
 	engine->xd = alloc_floats(tokens * (widest / 32 + 1), &failed);
 	engine->xs = calloc(tokens * (widest / 32 + 1), sizeof(int32_t));
 	if (failed || engine->token_sequence == NULL ||
-	    engine->token_position == NULL || engine->xq == NULL ||
+	    engine->token_position == NULL || engine->query_blocks == NULL ||
+	    engine->xq == NULL ||
 	    engine->xs == NULL) {
 		rc = -ENOMEM;
 		engine_fail(err, "cannot allocate scratch buffers for %zu "
@@ -1205,6 +1261,7 @@ void engine_destroy(struct engine *engine)
 	free(engine->logits);
 	free(engine->token_sequence);
 	free(engine->token_position);
+	free(engine->query_blocks);
 	free(engine->xq);
 	free(engine->xd);
 	free(engine->xs);
