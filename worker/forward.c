@@ -13,6 +13,7 @@
  * split among threads, so its quantization depends only on the token.
  */
 #include "worker/engine_internal.h"
+#include "worker/simd.h"
 
 #include <assert.h>
 #include <errno.h>
@@ -373,35 +374,6 @@ run_load(const struct kv_run *run, size_t i, __mmask16 mask)
 
 
 /*
- * Reduces the 16-lane sums of four rows by the tree of kernel_dot, all four
- * at once: each step adds the same pairs of lanes as for one row, and
- * shuffles first bring the pairs of all four rows into one register. Stores
- * the four sums divided by scale.
- */
-__attribute__((target("avx512f,avx512dq,fma"))) static inline void
-reduce_four_scores(float *scores, const __m512 acc[4], float scale)
-{
-	/* Lanes j and j + 8: rows 0 and 1 in one register, 2 and 3 in another. */
-	__m512 t01 = _mm512_add_ps(_mm512_shuffle_f32x4(acc[0], acc[1], 0x44),
-				   _mm512_shuffle_f32x4(acc[0], acc[1], 0xee));
-	__m512 t23 = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2], acc[3], 0x44),
-				   _mm512_shuffle_f32x4(acc[2], acc[3], 0xee));
-	/* Lanes j and j + 4: row r in 128-bit part r. */
-	__m512 t4 = _mm512_add_ps(_mm512_shuffle_f32x4(t01, t23, 0x88),
-				  _mm512_shuffle_f32x4(t01, t23, 0xdd));
-	/* Lanes j and j + 2, then j and j + 1, within each part. */
-	__m512 t2 = _mm512_add_ps(t4, _mm512_shuffle_ps(t4, t4, 0x4e));
-	__m512 t1 = _mm512_add_ps(t2, _mm512_shuffle_ps(t2, t2, 0xb1));
-
-	/* Lanes 0, 4, 8 and 12 hold the sums; compressing into a register
-	 * is much faster than into memory on AMD processors. */
-	__m128 sums = _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, t1));
-
-	_mm_storeu_ps(scores, _mm_div_ps(sums, _mm_set1_ps(scale)));
-}
-
-
-/*
  * scores[r] = dot(q, row r) / scale for n_rows rows of n elements from
  * element offset on. The AVX-512 path computes the dot product as
  * kernel_dot does (16 lanes of fused multiply-adds in element order, then
@@ -444,7 +416,10 @@ attention_scores_avx512(float *scores, const float *q,
 					 tail),
 				acc[r], tail);
 		if (count == 4) {
-			reduce_four_scores(scores + first, acc, scale);
+			_mm_storeu_ps(scores + first,
+				      _mm_div_ps(reduce_four_avx512(acc[0], acc[1],
+								    acc[2], acc[3]),
+						 _mm_set1_ps(scale)));
 			continue;
 		}
 #pragma GCC unroll 4

@@ -8,6 +8,7 @@
  * bit and no result depends on how rows or tokens are tiled.
  */
 #include "worker/engine_internal.h"
+#include "worker/simd.h"
 
 #include <assert.h>
 #include <immintrin.h>
@@ -333,6 +334,17 @@ tile_avx512(float *out, int out_stride, __m512 *partial, const float *x,
 		}
 	}
 
+	if (R % 4 == 0) {
+#pragma GCC unroll 6
+		for (int t = 0; t < T; t++)
+#pragma GCC unroll 2
+			for (int r = 0; r < R; r += 4)
+				_mm_storeu_ps(out + (size_t)t * out_stride + r,
+					      reduce_four_avx512(acc[r][t], acc[r + 1][t],
+								 acc[r + 2][t],
+								 acc[r + 3][t]));
+		return;
+	}
 #pragma GCC unroll 8
 	for (int r = 0; r < R; r++)
 #pragma GCC unroll 6

@@ -1,0 +1,35 @@
+/*
+ * SIMD helpers shared by the kernels of worker/, for the AVX-512 paths.
+ */
+#ifndef SLAB_WORKER_SIMD_H
+#define SLAB_WORKER_SIMD_H
+
+#include <immintrin.h>
+
+/*
+ * Reduces four 16-lane sums by the tree of kernel_dot, all four at once:
+ * each step adds the same pairs of lanes as for one sum, after shuffles
+ * that bring the pairs of all four into one register. Returns the four
+ * results in order.
+ */
+__attribute__((target("avx512f,avx512dq"))) static inline __m128
+reduce_four_avx512(__m512 a, __m512 b, __m512 c, __m512 d)
+{
+	/* Lanes j and j + 8: a and b in one register, c and d in another. */
+	__m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44),
+				  _mm512_shuffle_f32x4(a, b, 0xee));
+	__m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44),
+				  _mm512_shuffle_f32x4(c, d, 0xee));
+	/* Lanes j and j + 4: sum i in 128-bit part i. */
+	__m512 r4 = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88),
+				  _mm512_shuffle_f32x4(ab, cd, 0xdd));
+	/* Lanes j and j + 2, then j and j + 1, within each part. */
+	__m512 r2 = _mm512_add_ps(r4, _mm512_shuffle_ps(r4, r4, 0x4e));
+	__m512 r1 = _mm512_add_ps(r2, _mm512_shuffle_ps(r2, r2, 0xb1));
+
+	/* Lanes 0, 4, 8 and 12 hold the results; compressing into a register
+	 * is much faster than into memory on AMD processors. */
+	return _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, r1));
+}
+
+#endif
