@@ -11,6 +11,8 @@ build=$1
 models=$2
 tokenizers=${3:-$2}
 threads=2
+# Rounds of each measurement; tables print their medians.
+rounds=${BENCH_ROUNDS:-3}
 work=$(mktemp -d "${TMPDIR:-/tmp}/slabd-bench.XXXXXX")
 slabd_pid=
 instance=bench-$$
@@ -24,6 +26,21 @@ cleanup() {
 	rm -rf "$work"
 }
 trap cleanup EXIT
+
+# Medians of each column of FILE, whose lines are rounds of one measurement.
+medians() {
+	awk '{ for (i = 1; i <= NF; i++) v[i, NR] = $i; if (NF > n) n = NF }
+	     END {
+		for (i = 1; i <= n; i++) {
+			m = 0
+			for (r = 1; r <= NR; r++) c[++m] = v[i, r]
+			for (x = 1; x <= m; x++)
+				for (y = x + 1; y <= m; y++)
+					if (c[y] < c[x]) { t = c[x]; c[x] = c[y]; c[y] = t }
+			printf "%s%s", (m % 2 ? c[(m + 1) / 2] : (c[m / 2] + c[m / 2 + 1]) / 2), (i < n ? " " : "\n")
+		}
+	     }' "$1"
+}
 
 # Rate printed by slab-run for one stage ("prefill" or "decode").
 rate() {
@@ -110,6 +127,9 @@ for m in s260 s15 s110; do
 			>/dev/null 2>&1
 	done
 done
+# Write the new model files out now: the kernel's write-back of about a
+# gigabyte would otherwise compete with the measurements below.
+sync
 long_prompt=$(printf 'the little dog ran to the park and played %.0s' $(seq 25))
 
 # name file-stem tokenizer dim hidden layers kv_dim vocab
@@ -119,7 +139,7 @@ shapes=(
 	"stories110M-shape s110 $tokenizers/tokenizer.bin 768 2048 12 768 32000"
 )
 
-echo "1. slab-run, one session, $threads threads"
+echo "1. slab-run, one session, $threads threads (medians of $rounds rounds)"
 printf '%-18s %-5s %10s %9s %6s %8s %11s %7s %8s\n' model type "decode/s" "GB/s" probe "of read" "prefill/s" probe "of FMA"
 for shape in "${shapes[@]}"; do
 	read -r name stem tokenizer dim hidden layers kv vocab <<<"$shape"
@@ -127,27 +147,31 @@ for shape in "${shapes[@]}"; do
 	for type in f32 q8_0 q4_0; do
 		model="$work/$stem.$type"
 		bytes=$(bytes_per_token "$model" "$type" "$vocab" "$dim")
-		probe
-		"$build/slab-run" --model "$model" --tokenizer "$tokenizer" --threads $threads \
-			--prompt "Once" --max-tokens 200 2>"$work/decode" >/dev/null
-		"$build/slab-run" --model "$model" --tokenizer "$tokenizer" --threads $threads \
-			--prompt "$long_prompt" --max-tokens 1 2>"$work/prefill" >/dev/null
-		probe_again
-		awk -v n="$name" -v t="$type" -v d="$(rate decode "$work/decode")" \
-			-v p="$(rate prefill "$work/prefill")" -v b="$bytes" -v f="$flops" \
-			-v r="$read_gbps" -v peak="$fma_gflops" \
-			'BEGIN { gb = d * b / 1e9; g = p * f / 1e9;
-			         printf "%-18s %-5s %10.1f %9.1f %6.1f %8.2f %11.1f %7.0f %8.2f\n",
-			                n, t, d, gb, r, gb / r, p, peak, g / peak }'
+		: > "$work/rounds"
+		for _ in $(seq "$rounds"); do
+			probe
+			"$build/slab-run" --model "$model" --tokenizer "$tokenizer" --threads $threads \
+				--prompt "Once" --max-tokens 200 2>"$work/decode" >/dev/null
+			"$build/slab-run" --model "$model" --tokenizer "$tokenizer" --threads $threads \
+				--prompt "$long_prompt" --max-tokens 1 2>"$work/prefill" >/dev/null
+			probe_again
+			awk -v d="$(rate decode "$work/decode")" -v p="$(rate prefill "$work/prefill")" \
+				-v b="$bytes" -v f="$flops" -v r="$read_gbps" -v peak="$fma_gflops" \
+				'BEGIN { gb = d * b / 1e9;
+				         print d, gb, r, gb / r, p, peak, p * f / 1e9 / peak }' >> "$work/rounds"
+		done
+		medians "$work/rounds" | awk -v n="$name" -v t="$type" \
+			'{ printf "%-18s %-5s %10.1f %9.1f %6.1f %8.2f %11.1f %7.0f %8.2f\n",
+			          n, t, $1, $2, $3, $4, $5, $6, $7 }'
 	done
 done
 echo "(GB/s: weight bytes read per token times tokens/s, a model that fits in the"
 echo " last-level cache can exceed the read probe; FMA: 2 FLOP per matrix weight per token;"
 echo " probe: the higher read GB/s and FMA GFLOP/s of slab-probe runs just before"
-echo " and just after the row)"
+echo " and just after each round; every column is the median of its rounds)"
 echo
 
-echo "2. decode through the service, one session, next to slab-run on the same threads"
+echo "2. decode through the service, one session, next to slab-run on the same threads (medians of $rounds rounds)"
 printf '%-18s %-5s %8s %14s %14s %7s %6s %8s\n' model type workers "service tok/s" "slab-run tok/s" ratio probe "of read"
 for shape in "${shapes[@]}"; do
 	read -r name stem tokenizer dim hidden layers kv vocab <<<"$shape"
@@ -158,49 +182,61 @@ for shape in "${shapes[@]}"; do
 		worker_threads=${run##*:}
 		model="$work/$stem.$type"
 		bytes=$(bytes_per_token "$model" "$type" "$vocab" "$dim")
-		probe
 		start_service "$model" "$tokenizer" 1 "$worker_threads"
-		service=$(service_decode_rate)
+		: > "$work/rounds"
+		for _ in $(seq "$rounds"); do
+			probe
+			service=$(service_decode_rate)
+			"$build/slab-run" --model "$model" --tokenizer "$tokenizer" --threads "$worker_threads" \
+				--prompt "Once" --max-tokens 200 2>"$work/decode" >/dev/null
+			probe_again
+			awk -v s="$service" -v l="$(rate decode "$work/decode")" -v b="$bytes" -v r="$read_gbps" \
+				'BEGIN { print s, l, s / l, r, s * b / 1e9 / r }' >> "$work/rounds"
+		done
 		stop_service
-		"$build/slab-run" --model "$model" --tokenizer "$tokenizer" --threads "$worker_threads" \
-			--prompt "Once" --max-tokens 200 2>"$work/decode" >/dev/null
-		probe_again
-		awk -v n="$name" -v t="$type" -v s="$service" -v l="$(rate decode "$work/decode")" \
-			-v b="$bytes" -v r="$read_gbps" -v w="1x$worker_threads" \
-			'BEGIN { printf "%-18s %-5s %8s %14.1f %14.1f %7.2f %6.1f %8.2f\n",
-			                n, t, w, s, l, s / l, r, s * b / 1e9 / r }'
+		medians "$work/rounds" | awk -v n="$name" -v t="$type" -v w="1x$worker_threads" \
+			'{ printf "%-18s %-5s %8s %14.1f %14.1f %7.2f %6.1f %8.2f\n",
+			          n, t, w, $1, $2, $3, $4, $5 }'
 	done
 done
+echo "(ratio and of read: medians of each round's own figures)"
 echo
 
-echo "3. aggregate decode through the service, stories110M shape, q8_0, 1 worker x $threads threads"
+echo "3. aggregate decode through the service, stories110M shape, q8_0, 1 worker x $threads threads (medians of $rounds rounds)"
 printf '%-5s %-10s %14s %8s %16s %8s\n' kv sessions "wall tok/s" "vs one" "decode tok/s" "vs one"
 for kv_type in f32 f16; do
 	start_service "$work/s110.q8_0" "$tokenizers/tokenizer.bin" 1 $threads --kv-type "$kv_type"
-	one_wall=
-	one_decode=
-	for sessions in 1 4 16; do
-		pids=()
-		started=$(date +%s.%N)
-		for i in $(seq "$sessions"); do
-			"$build/slabctl" --socket "$work/s.sock" generate --no-echo --verbose \
-				--max-tokens 128 "Session $i starts here" >/dev/null 2>"$work/agg.$i" &
-			pids+=($!)
+	: > "$work/rounds"
+	for _ in $(seq "$rounds"); do
+		line=
+		for sessions in 1 4 16; do
+			pids=()
+			started=$(date +%s.%N)
+			for i in $(seq "$sessions"); do
+				"$build/slabctl" --socket "$work/s.sock" generate --no-echo --verbose \
+					--max-tokens 128 "Session $i starts here" >/dev/null 2>"$work/agg.$i" &
+				pids+=($!)
+			done
+			wait "${pids[@]}"
+			ended=$(date +%s.%N)
+			wall=$(awk -v n="$sessions" -v a="$started" -v b="$ended" 'BEGIN { printf "%.1f", n * 128 / (b - a) }')
+			decode=$(cat "$work"/agg.* | grep -o 'decode [0-9.]* tokens/s' | awk '{ sum += $2 } END { printf "%.1f", sum }')
+			rm -f "$work"/agg.*
+			line="$line $wall $decode"
 		done
-		wait "${pids[@]}"
-		ended=$(date +%s.%N)
-		wall=$(awk -v n="$sessions" -v a="$started" -v b="$ended" 'BEGIN { printf "%.1f", n * 128 / (b - a) }')
-		decode=$(cat "$work"/agg.* | grep -o 'decode [0-9.]* tokens/s' | awk '{ sum += $2 } END { printf "%.1f", sum }')
-		rm -f "$work"/agg.*
-		[ -n "$one_wall" ] || { one_wall=$wall; one_decode=$decode; }
-		awk -v k="$kv_type" -v n="$sessions" -v w="$wall" -v ow="$one_wall" -v d="$decode" -v od="$one_decode" \
-			'BEGIN { printf "%-5s %-10s %14.1f %8.2f %16.1f %8.2f\n", k, n, w, w / ow, d, d / od }'
+		# wall and decode for 1, 4 and 16 sessions, then the ratios to one
+		echo "$line" | awk '{ print $0, $3 / $1, $4 / $2, $5 / $1, $6 / $2 }' >> "$work/rounds"
 	done
 	stop_service
+	medians "$work/rounds" | awk -v k="$kv_type" \
+		'{ printf "%-5s %-10s %14.1f %8.2f %16.1f %8.2f\n", k, 1, $1, 1, $2, 1;
+		   printf "%-5s %-10s %14.1f %8.2f %16.1f %8.2f\n", k, 4, $3, $7, $4, $8;
+		   printf "%-5s %-10s %14.1f %8.2f %16.1f %8.2f\n", k, 16, $5, $9, $6, $10 }'
 done
 echo "(wall: 128 tokens per session over the wall time of all slabctl runs, start-up"
 echo " and prompt included; decode: the sum of each session's decode rate, which"
-echo " counts only the time after its first token; kv: the KV cache element type)"
+echo " counts only the time after its first token; kv: the KV cache element type;"
+echo " vs one: the median of each round's ratio to its own one-session figure)"
 echo
 
 echo "4. memory, stories110M shape, q8_0, 2 workers"
