@@ -31,6 +31,9 @@
 /* Tokens of one sequence whose attention shares the runs of rows. */
 #define ATTENTION_TOKENS 8
 
+/* Steps of fewer tokens do their per-token work on one thread. */
+#define TOKENS_PARALLEL_MIN 8
+
 /* Activations of fewer elements are quantized on one thread. */
 #define QUANTIZE_PARALLEL_MIN (1 << 14)
 
@@ -721,6 +724,95 @@ static int check_step(const struct engine *engine, const struct engine_kv *kv,
 
 
 /* One transformer block over the step's tokens, updating engine->x. */
+/* Work that each token of a step does on its own, between products. */
+enum token_work {
+	TOKENS_ATTENTION_NORM, /* RMSNorm of x before attention */
+	TOKENS_ROPE_KV,        /* RoPE on q and k, then k and v into the cache */
+	TOKENS_RESIDUAL_NORM,  /* x += xb, then RMSNorm of x before the FFN */
+	TOKENS_RESIDUAL,       /* x += xb */
+};
+
+struct token_task {
+	struct engine *engine;
+	enum token_work work;
+	int layer;
+};
+
+
+/* Runs a token task for a contiguous share of the step's tokens. */
+static void token_task_run(void *arg, int ith, int nth)
+{
+	const struct token_task *task = arg;
+	struct engine *engine = task->engine;
+	const struct engine_shape *shape = &engine->model->shape;
+	const struct engine_weights *w = &engine->model->weights;
+	size_t dim = (size_t)shape->dim;
+	size_t kv_dim = (size_t)engine_kv_dim(shape);
+	int head_size = engine_head_size(shape);
+	int per_thread = (engine->n_tokens + nth - 1) / nth;
+	int begin = ith * per_thread;
+	int end = begin + per_thread < engine->n_tokens ? begin + per_thread
+							: engine->n_tokens;
+
+	for (int t = begin; t < end; t++) {
+		float *x = engine->x + (size_t)t * dim;
+		float *xb = engine->xb + (size_t)t * dim;
+
+		switch (task->work) {
+		case TOKENS_ATTENTION_NORM:
+			kernel_rmsnorm(xb, x, w->rms_att + (size_t)task->layer * dim,
+				       (int)dim);
+			break;
+		case TOKENS_ROPE_KV: {
+			const struct engine_sequence *sequence =
+				&engine->sequences[engine->token_sequence[t]];
+			int position = engine->token_position[t];
+			const float *cos_sin = engine->rope +
+					       (size_t)position * head_size;
+
+			kernel_rope(engine->q + (size_t)t * dim, shape->n_heads,
+				    head_size, cos_sin);
+			kernel_rope(engine->k + (size_t)t * kv_dim,
+				    shape->n_kv_heads, head_size, cos_sin);
+			kv_row_write(engine, sequence, task->layer, 0, position,
+				     engine->k + (size_t)t * kv_dim);
+			kv_row_write(engine, sequence, task->layer, 1, position,
+				     engine->v + (size_t)t * kv_dim);
+			break;
+		}
+		case TOKENS_RESIDUAL_NORM:
+			for (size_t i = 0; i < dim; i++)
+				x[i] += xb[i];
+			kernel_rmsnorm(xb, x, w->rms_ffn + (size_t)task->layer * dim,
+				       (int)dim);
+			break;
+		case TOKENS_RESIDUAL:
+			for (size_t i = 0; i < dim; i++)
+				x[i] += xb[i];
+			break;
+		}
+	}
+}
+
+
+/*
+ * Runs work for every token of the step, split among threads when the step
+ * has enough tokens: a prefill's norms, rotations and residual sums would
+ * otherwise leave the other threads waiting.
+ */
+static void run_tokens(struct engine *engine, enum token_work work, int layer)
+{
+	struct token_task task = { .engine = engine, .work = work,
+				   .layer = layer };
+
+	if (engine->n_tokens >= TOKENS_PARALLEL_MIN &&
+	    engine_pool_threads(engine->pool) > 1)
+		engine_pool_run(engine->pool, token_task_run, &task);
+	else
+		token_task_run(&task, 0, 1);
+}
+
+
 static void forward_layer(struct engine *engine, int layer)
 {
 	const struct engine_shape *shape = &engine->model->shape;
@@ -728,15 +820,10 @@ static void forward_layer(struct engine *engine, int layer)
 	int dim = shape->dim;
 	int kv_dim = engine_kv_dim(shape);
 	int hidden = shape->hidden_dim;
-	int head_size = engine_head_size(shape);
 	int n = engine->n_tokens;
 	struct matmul_task task;
 
-	/* Attention RMSNorm. */
-	for (int t = 0; t < n; t++)
-		kernel_rmsnorm(engine->xb + (size_t)t * dim,
-			       engine->x + (size_t)t * dim,
-			       w->rms_att + (size_t)layer * dim, dim);
+	run_tokens(engine, TOKENS_ATTENTION_NORM, layer);
 
 	/* Q, K and V projections. */
 	task = (struct matmul_task){
@@ -755,24 +842,7 @@ static void forward_layer(struct engine *engine, int layer)
 		},
 	};
 	run_matmuls(engine, &task);
-
-	/* RoPE on Q and K, then K and V into the cache. */
-	for (int t = 0; t < n; t++) {
-		const struct engine_sequence *sequence =
-			&engine->sequences[engine->token_sequence[t]];
-		int position = engine->token_position[t];
-		const float *cos_sin = engine->rope +
-				       (size_t)position * head_size;
-
-		kernel_rope(engine->q + (size_t)t * dim, shape->n_heads,
-			    head_size, cos_sin);
-		kernel_rope(engine->k + (size_t)t * kv_dim, shape->n_kv_heads,
-			    head_size, cos_sin);
-		kv_row_write(engine, sequence, layer, 0, position,
-			     engine->k + (size_t)t * kv_dim);
-		kv_row_write(engine, sequence, layer, 1, position,
-			     engine->v + (size_t)t * kv_dim);
-	}
+	run_tokens(engine, TOKENS_ROPE_KV, layer);
 
 	/* Multi-head attention over the cache. */
 	engine->layer = layer;
@@ -782,7 +852,7 @@ static void forward_layer(struct engine *engine, int layer)
 	else
 		attention_task_run(engine, 0, 1);
 
-	/* Output projection and residual. */
+	/* Output projection, residual and the feed-forward RMSNorm. */
 	task = (struct matmul_task){
 		.n_jobs = 1,
 		.n_tokens = n,
@@ -791,14 +861,7 @@ static void forward_layer(struct engine *engine, int layer)
 			    dim } },
 	};
 	run_matmuls(engine, &task);
-	for (size_t i = 0; i < (size_t)n * dim; i++)
-		engine->x[i] += engine->xb[i];
-
-	/* Feed-forward RMSNorm. */
-	for (int t = 0; t < n; t++)
-		kernel_rmsnorm(engine->xb + (size_t)t * dim,
-			       engine->x + (size_t)t * dim,
-			       w->rms_ffn + (size_t)layer * dim, dim);
+	run_tokens(engine, TOKENS_RESIDUAL_NORM, layer);
 
 	/* SwiGLU feed-forward: w2 (silu(w1 x) * w3 x), then residual. */
 	task = (struct matmul_task){
@@ -823,8 +886,7 @@ static void forward_layer(struct engine *engine, int layer)
 			    dim, hidden } },
 	};
 	run_matmuls(engine, &task);
-	for (size_t i = 0; i < (size_t)n * dim; i++)
-		engine->x[i] += engine->xb[i];
+	run_tokens(engine, TOKENS_RESIDUAL, layer);
 }
 
 
