@@ -405,23 +405,23 @@ tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
 	const int nb = n / QK;
 	const size_t block_bytes = group_block_bytes(type);
 	const int32_t bias = code_bias(type);
-	__m512 acc[8][4];
+	__m512 acc[8][6];
 
 #pragma GCC unroll 8
 	for (int g = 0; g < G; g++)
-#pragma GCC unroll 4
+#pragma GCC unroll 6
 		for (int t = 0; t < T; t++)
 			acc[g][t] = _mm512_setzero_ps();
 
 	for (int b = 0; b < nb; b++) {
 		const char *block[8];
-		__m512i sums[8][4];
+		__m512i sums[8][6];
 
 #pragma GCC unroll 8
 		for (int g = 0; g < G; g++)
 			block[g] = w + (size_t)g * group_bytes +
 				   (size_t)b * block_bytes;
-#pragma GCC unroll 4
+#pragma GCC unroll 6
 		for (int t = 0; t < T; t++) {
 			__m512i start = _mm512_set1_epi32(
 				-bias * xs[(size_t)t * nb + b]);
@@ -440,7 +440,7 @@ tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
 				for (int g = 0; g < G; g++)
 					q[g] = _mm512_loadu_si512(
 						block[g] + CODES_OFFSET + 64 * j);
-#pragma GCC unroll 4
+#pragma GCC unroll 6
 				for (int t = 0; t < T; t++) {
 					__m512i x = _mm512_set1_epi32(activation_run(
 						xq + (size_t)t * n, b, j));
@@ -466,7 +466,7 @@ tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
 						_mm512_srli_epi16(packed, 4),
 						low_nibbles);
 				}
-#pragma GCC unroll 4
+#pragma GCC unroll 6
 				for (int t = 0; t < T; t++) {
 					const int8_t *x = xq + (size_t)t * n;
 					__m512i x_lo = _mm512_set1_epi32(
@@ -491,7 +491,7 @@ tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
 		for (int g = 0; g < G; g++)
 			dw[g] = _mm512_cvtph_ps(_mm256_loadu_si256(
 				(const __m256i *)block[g]));
-#pragma GCC unroll 4
+#pragma GCC unroll 6
 		for (int t = 0; t < T; t++) {
 			__m512 dx = _mm512_set1_ps(xd[(size_t)t * nb + b]);
 
@@ -503,7 +503,7 @@ tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
 		}
 	}
 
-#pragma GCC unroll 4
+#pragma GCC unroll 6
 	for (int t = 0; t < T; t++)
 #pragma GCC unroll 8
 		for (int g = 0; g < G; g++) {
@@ -558,13 +558,13 @@ matmul_quant_avx512_type(float *out, int out_stride, const int8_t *xq,
 						       : row_end;
 		int t = 0;
 
-		for (; t + 4 <= n_tokens; t += 4) {
+		for (; t + 6 <= n_tokens; t += 6) {
 			float *o = out + (size_t)t * out_stride;
 			const int8_t *xt = xq + (size_t)t * n;
 			const float *dt = xd + (size_t)t * nb;
 			const int32_t *st = xs + (size_t)t * nb;
 
-			MATMUL_QUANT_AVX512_TILES(2, 4);
+			MATMUL_QUANT_AVX512_TILES(2, 6);
 		}
 
 		float *o = out + (size_t)t * out_stride;
@@ -573,6 +573,12 @@ matmul_quant_avx512_type(float *out, int out_stride, const int8_t *xq,
 		const int32_t *st = xs + (size_t)t * nb;
 
 		switch (n_tokens - t) {
+		case 5:
+			MATMUL_QUANT_AVX512_TILES(2, 5);
+			break;
+		case 4:
+			MATMUL_QUANT_AVX512_TILES(2, 4);
+			break;
 		case 3:
 			MATMUL_QUANT_AVX512_TILES(2, 3);
 			break;
