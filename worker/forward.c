@@ -443,8 +443,8 @@ attention_scores_avx512(float *scores, const float *q,
 /*
  * out (n) += weights[r] * row r for n_rows rows of n elements from element
  * offset on, rows in order, each element as a product then a sum, as
- * kernel_axpy does row by row. The AVX-512 path keeps 16 elements of out in
- * a register across all rows.
+ * kernel_axpy does row by row. The AVX-512 path keeps up to 64 elements of
+ * out in four registers across all rows.
  */
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,f16c,fma"))) static void
 attention_values_avx512(float *out, const float *weights,
