@@ -251,9 +251,24 @@ static void on_sigint(int signo)
 }
 
 
+/* The prompt to print before the first generated text, once. */
+struct prompt_echo {
+	const char *prompt; /* NULL once printed, or with --no-echo */
+};
+
+
+static void echo_prompt(struct prompt_echo *echo)
+{
+	if (echo->prompt == NULL)
+		return;
+	fputs(echo->prompt, stdout);
+	echo->prompt = NULL;
+}
+
+
 static int print_token(const struct slab_token *token, void *user)
 {
-	(void)user;
+	echo_prompt(user);
 	if (token->piece_len > 0) {
 		fwrite(token->piece, 1, token->piece_len, stdout);
 		fflush(stdout);
@@ -481,15 +496,20 @@ static int command_generate(int argc, char **argv)
 	sigaction(SIGINT, &action, &previous);
 	slab_set_interrupt_flag(client, &interrupted);
 
-	if (args.echo) {
-		fputs(args.options.prompt, stdout);
+	/* A request that fails prints no text, the prompt included. */
+	struct prompt_echo echo = {
+		.prompt = args.echo ? args.options.prompt : NULL,
+	};
+
+	rc = slab_generate(client, &args.options, print_token, &echo, &result);
+	if (rc >= 0 || echo.prompt == NULL) {
+		if (rc >= 0)
+			echo_prompt(&echo);
+		if (result.text != NULL)
+			fwrite(result.text, 1, result.text_len, stdout);
+		fputc('\n', stdout);
 		fflush(stdout);
 	}
-	rc = slab_generate(client, &args.options, print_token, NULL, &result);
-	if (result.text != NULL)
-		fwrite(result.text, 1, result.text_len, stdout);
-	fputc('\n', stdout);
-	fflush(stdout);
 	sigaction(SIGINT, &previous, NULL);
 
 	if (args.verbose && result.finish_reason != SLAB_FINISH_UNSPECIFIED)

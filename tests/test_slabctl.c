@@ -660,6 +660,23 @@ Test(slabctl, server_error_exits_1, .timeout = TEST_TIMEOUT_S)
 }
 
 
+Test(slabctl, failed_generate_prints_nothing, .timeout = TEST_TIMEOUT_S)
+{
+	struct scripted_broker broker;
+	struct child_result result;
+
+	scripted_broker_start(&broker);
+	const char *args[] = { "generate", "--session", "nope", "Hello", NULL };
+	run_slabctl(args, broker.path, NULL, NULL, &result);
+	scripted_broker_stop(&broker);
+
+	cr_assert_eq(result.status, 1, "stderr: %s", result.err);
+	cr_assert_str_empty(result.out, "stdout: %s", result.out);
+	cr_assert_not_null(strstr(result.err, "NOT_FOUND"), "stderr: %s",
+			   result.err);
+}
+
+
 Test(slabctl, health_not_ok_exits_1, .timeout = TEST_TIMEOUT_S)
 {
 	struct scripted_broker broker;
