@@ -80,7 +80,8 @@ PROGRAMS += $(BUILD)/slab-quantize
 endif
 TESTS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 
-.PHONY: all deps test run models clean install bench fuzz fuzz-deps check-memory
+.PHONY: all deps test run models clean install bench fuzz fuzz-deps check-memory \
+	check-golden
 # Generated protobuf code is kept between builds.
 .SECONDARY:
 .DEFAULT_GOAL := all
@@ -176,6 +177,11 @@ GOLDEN_PROMPT := Once upon a time
 GOLDEN_TEXT := $(SLAB_MODELS)/../golden/stories260K-once-upon-a-time.n200.txt
 GOLDEN_ARGS = --model $(SLAB_MODELS)/stories260K.bin --tokenizer $(SLAB_MODELS)/tok512.bin \
 	--prompt "$(GOLDEN_PROMPT)" --max-tokens 196 --threads 2
+# The golden generation, compared byte for byte with llama2.c's output.
+check-golden: $(BUILD)/slab-run
+	$(BUILD)/slab-run $(GOLDEN_ARGS) 2>/dev/null | cmp - $(GOLDEN_TEXT)
+	@echo "check-golden: the text equals the reference"
+
 check-memory: $(BUILD)/slab-run
 	@command -v valgrind >/dev/null || { echo "valgrind is not installed; apt-get install valgrind"; exit 1; }
 	valgrind -q --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite \
