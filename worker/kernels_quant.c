@@ -23,6 +23,9 @@
 #define QK ENGINE_QUANT_BLOCK
 #define GROUP ENGINE_QUANT_GROUP
 
+/* Distance ahead in a group's stream at which Q4_0 decode prefetches. */
+#define PREFETCH_BYTES 1024
+
 /* Rows per cache block of a prefill, as in kernels.c. */
 #define ROW_BLOCK_BYTES (192 * 1024)
 
@@ -418,9 +421,19 @@ tile_quant_avx512(float *out, int out_stride, const int8_t *xq,
 		__m512i sums[8][6];
 
 #pragma GCC unroll 8
-		for (int g = 0; g < G; g++)
+		for (int g = 0; g < G; g++) {
 			block[g] = w + (size_t)g * group_bytes +
 				   (size_t)b * block_bytes;
+			/*
+			 * Decode streams each group once. Fetching Q4_0 ahead
+			 * measured faster; for Q8_0, with twice the lines per
+			 * block, the extra instructions cost more than they gave.
+			 */
+			if (T == 1 && type == ENGINE_WEIGHT_Q4_0)
+				for (size_t line = 0; line < block_bytes; line += 64)
+					_mm_prefetch(block[g] + PREFETCH_BYTES + line,
+						     _MM_HINT_T0);
+		}
 #pragma GCC unroll 6
 		for (int t = 0; t < T; t++) {
 			__m512i start = _mm512_set1_epi32(
