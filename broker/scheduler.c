@@ -640,6 +640,21 @@ static int commit_sequence(struct broker *broker, struct broker_session *s,
 }
 
 
+/* Logs a failed commit at position and fails the session's request. */
+static void fail_commit(struct broker *broker, struct broker_session *s,
+			int32_t position, int rc)
+{
+	log_error("commit of session %u/%u at position %d failed: %s",
+		  s->handle.slot, s->handle.generation, (int)position,
+		  shm_strerror(rc));
+	if (s->request != NULL)
+		request_fail(broker, s->request,
+			     SLABD__ERROR_CODE__ERROR_CODE_INTERNAL,
+			     "commit at position %d failed: %s", (int)position,
+			     shm_strerror(rc));
+}
+
+
 /* Applies one sequence's result to its session and request. */
 static void finish_entry(struct broker *broker, const struct broker_step_entry *e,
 			 int32_t token)
@@ -684,14 +699,8 @@ static void finish_entry(struct broker *broker, const struct broker_step_entry *
 	}
 	rc = commit_sequence(broker, s, e, tokens);
 	if (rc < 0) {
-		log_error("commit of session %u/%u at position %d failed: %s",
-			  s->handle.slot, s->handle.generation, (int)e->start, shm_strerror(rc));
 		session_release_rented(broker, s);
-		if (r != NULL)
-			request_fail(broker, r,
-				     SLABD__ERROR_CODE__ERROR_CODE_INTERNAL,
-				     "commit at position %d failed: %s",
-				     (int)e->start, shm_strerror(rc));
+		fail_commit(broker, s, e->start, rc);
 		return;
 	}
 	if (s->refeed_last) {
@@ -769,14 +778,7 @@ static void run_token(struct broker *broker, struct broker_worker *worker,
 	broker->finishing_step = true;
 	rc = commit_sequence(broker, s, e, &s->pending_token);
 	if (rc < 0) {
-		log_error("commit of session %u/%u at position %d failed: %s",
-			  s->handle.slot, s->handle.generation, (int)e->start,
-			  shm_strerror(rc));
-		if (s->request != NULL)
-			request_fail(broker, s->request,
-				     SLABD__ERROR_CODE__ERROR_CODE_INTERNAL,
-				     "commit at position %d failed: %s",
-				     (int)e->start, shm_strerror(rc));
+		fail_commit(broker, s, e->start, rc);
 	} else {
 		s->pending_token = -1;
 		s->crash_count = 0;

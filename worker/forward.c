@@ -332,8 +332,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) static void
 narrow_avx512(_Float16 *out, const float *in, int n)
 {
 	for (int i = 0; i < n; i += 16) {
-		__mmask16 mask = n - i >= 16 ? (__mmask16)0xffff
-					     : (__mmask16)((1u << (n - i)) - 1);
+		__mmask16 mask = lanes_mask(n - i);
 		__m256i half = _mm512_cvtps_ph(_mm512_maskz_loadu_ps(mask, in + i),
 					       _MM_FROUND_TO_NEAREST_INT |
 						       _MM_FROUND_NO_EXC);
@@ -389,7 +388,7 @@ attention_scores_avx512(float *scores, const float *q,
 {
 	const __mmask16 all = 0xffff;
 	int full = n / 16 * 16;
-	__mmask16 tail = (__mmask16)((1u << (n - full)) - 1);
+	__mmask16 tail = lanes_mask(n - full);
 	__m512 q_tail = _mm512_maskz_loadu_ps(tail, q + full);
 
 	for (int first = 0; first < n_rows; first += 4) {
@@ -463,9 +462,7 @@ attention_values_avx512(float *out, const float *weights,
 		for (int c = 0; c < 4; c++) {
 			int k = first + 16 * c;
 
-			mask[c] = k >= n ? 0
-				: n - k >= 16 ? (__mmask16)0xffff
-					      : (__mmask16)((1u << (n - k)) - 1);
+			mask[c] = lanes_mask(n - k);
 			sum[c] = _mm512_maskz_loadu_ps(mask[c], out + k);
 		}
 		for (int r = 0; r < n_rows; r++) {

@@ -317,7 +317,7 @@ tile_avx512(float *out, int out_stride, __m512 *partial, const float *x,
 		return;
 	}
 	if (k < n) {
-		__mmask16 mask = (__mmask16)((1u << (n - k)) - 1);
+		__mmask16 mask = lanes_mask(n - k);
 		__m512 xv[6];
 
 #pragma GCC unroll 6
@@ -627,16 +627,14 @@ softmax_avx512(float *x, int n)
 	__m512 sum;
 
 	for (int i = 0; i < n; i += LANES) {
-		__mmask16 mask = n - i >= LANES ? (__mmask16)0xffff
-						: (__mmask16)((1u << (n - i)) - 1);
+		__mmask16 mask = lanes_mask(n - i);
 
 		max = _mm512_mask_max_ps(max, mask,
 					 _mm512_maskz_loadu_ps(mask, x + i), max);
 	}
 	max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
 	for (int i = 0; i < n; i += LANES) {
-		__mmask16 mask = n - i >= LANES ? (__mmask16)0xffff
-						: (__mmask16)((1u << (n - i)) - 1);
+		__mmask16 mask = lanes_mask(n - i);
 		__m512 e = exp_avx512(_mm512_sub_ps(
 			_mm512_maskz_loadu_ps(mask, x + i), max));
 
@@ -645,8 +643,7 @@ softmax_avx512(float *x, int n)
 	}
 	sum = _mm512_set1_ps(reduce_avx512(lanes));
 	for (int i = 0; i < n; i += LANES) {
-		__mmask16 mask = n - i >= LANES ? (__mmask16)0xffff
-						: (__mmask16)((1u << (n - i)) - 1);
+		__mmask16 mask = lanes_mask(n - i);
 
 		_mm512_mask_storeu_ps(x + i, mask,
 				      _mm512_div_ps(_mm512_maskz_loadu_ps(mask, x + i),
@@ -672,16 +669,14 @@ argmax_avx512(const float *x, int32_t n)
 
 	/* max_ps returns its second operand when either is NaN. */
 	for (int32_t i = 0; i < n; i += LANES) {
-		__mmask16 mask = n - i >= LANES ? (__mmask16)0xffff
-						: (__mmask16)((1u << (n - i)) - 1);
+		__mmask16 mask = lanes_mask(n - i);
 
 		max = _mm512_mask_max_ps(max, mask,
 					 _mm512_maskz_loadu_ps(mask, x + i), max);
 	}
 	top = _mm512_set1_ps(_mm512_reduce_max_ps(max));
 	for (int32_t i = 0; i < n; i += LANES) {
-		__mmask16 mask = n - i >= LANES ? (__mmask16)0xffff
-						: (__mmask16)((1u << (n - i)) - 1);
+		__mmask16 mask = lanes_mask(n - i);
 		__mmask16 equal = _mm512_mask_cmp_ps_mask(
 			mask, _mm512_maskz_loadu_ps(mask, x + i), top, _CMP_EQ_OQ);
 
@@ -778,8 +773,7 @@ swiglu_avx512(float *out, const float *gate, const float *up, int n)
 	const __m512 one = _mm512_set1_ps(1.0f);
 
 	for (int i = 0; i < n; i += LANES) {
-		__mmask16 mask = n - i >= LANES ? (__mmask16)0xffff
-						: (__mmask16)((1u << (n - i)) - 1);
+		__mmask16 mask = lanes_mask(n - i);
 		__m512 g = _mm512_maskz_loadu_ps(mask, gate + i);
 		__m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), g));
 		__m512 silu = _mm512_mul_ps(g, _mm512_div_ps(one,

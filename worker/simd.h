@@ -6,6 +6,14 @@
 
 #include <immintrin.h>
 
+/* Mask of the first left lanes of 16: none when left <= 0, all from 16. */
+static inline __mmask16 lanes_mask(int left)
+{
+	if (left <= 0)
+		return 0;
+	return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+}
+
 /*
  * Reduces four 16-lane sums by the tree of kernel_dot, all four at once:
  * each step adds the same pairs of lanes as for one sum, after shuffles
