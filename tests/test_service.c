@@ -451,8 +451,8 @@ static int log_count(const struct service *s, const char *text)
  * meanwhile must not wait for it: the run ends after its current token and
  * both sessions are batched. With one worker, the short second generation
  * then finishes long before the first, whose greedy text runs the whole
- * 480 tokens. The worker computes that in about 15 ms, so it may be done
- * before the second request arrives; such an attempt shows nothing and is
+ * 480 tokens. The worker computes those in about 15 ms, so it may finish
+ * before the second request arrives. Such an attempt shows nothing and is
  * repeated.
  */
 Test(service, decode_run_yields_to_new_session, .timeout = TEST_TIMEOUT_S,
