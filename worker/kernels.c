@@ -21,6 +21,9 @@
 /* Distance of software prefetches in a weight row, in bytes. */
 #define PREFETCH_BYTES 512
 
+/* The same for prefill tiles, whose rows come from the L2 cache. */
+#define PREFILL_PREFETCH_BYTES 256
+
 enum isa {
 	ISA_SCALAR,
 	ISA_AVX2,
@@ -298,11 +301,14 @@ tile_avx512(float *out, int out_stride, __m512 *partial, const float *x,
 		for (int r = 0; r < R; r++) {
 			__m512 wv = _mm512_loadu_ps(w + (size_t)r * n + k);
 
-			/* Decode streams each weight once: fetch ahead. */
-			if (T == 1)
-				_mm_prefetch((const char *)(w + (size_t)r * n + k) +
-						     PREFETCH_BYTES,
-					     _MM_HINT_T0);
+			/*
+			 * Decode streams each weight once, and a prefill tile
+			 * reads its rows from L2: both fetch ahead.
+			 */
+			_mm_prefetch((const char *)(w + (size_t)r * n + k) +
+					     (T == 1 ? PREFETCH_BYTES
+						     : PREFILL_PREFETCH_BYTES),
+				     _MM_HINT_T0);
 #pragma GCC unroll 6
 			for (int t = 0; t < T; t++)
 				acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
