@@ -776,14 +776,15 @@ void kernel_axpy(float *out, float a, const float *v, int n)
 __attribute__((target("avx512f,avx512dq,fma"))) static void
 swiglu_avx512(float *out, const float *gate, const float *up, int n)
 {
-	const __m512 one = _mm512_set1_ps(1.0f);
+	const __m512 unit = _mm512_set1_ps(1.0f);
 
 	for (int i = 0; i < n; i += LANES) {
 		__mmask16 mask = lanes_mask(n - i);
 		__m512 g = _mm512_maskz_loadu_ps(mask, gate + i);
 		__m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), g));
-		__m512 silu = _mm512_mul_ps(g, _mm512_div_ps(one,
-							     _mm512_add_ps(one, e)));
+		/* silu(g) = g * (1 / (1 + exp(-g))), as the scalar path does. */
+		__m512 silu = _mm512_mul_ps(g, _mm512_div_ps(unit,
+							     _mm512_add_ps(unit, e)));
 
 		_mm512_mask_storeu_ps(out + i, mask,
 				      _mm512_mul_ps(silu,
