@@ -425,16 +425,8 @@ attention_scores_avx512(float *scores, const float *q,
 			continue;
 		}
 #pragma GCC unroll 4
-		for (int r = 0; r < count; r++) {
-			__m256 r8 = _mm256_add_ps(_mm512_castps512_ps256(acc[r]),
-						  _mm512_extractf32x8_ps(acc[r], 1));
-			__m128 r4 = _mm_add_ps(_mm256_castps256_ps128(r8),
-					       _mm256_extractf128_ps(r8, 1));
-			__m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
-			__m128 r1 = _mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1));
-
-			scores[first + r] = _mm_cvtss_f32(r1) / scale;
-		}
+		for (int r = 0; r < count; r++)
+			scores[first + r] = reduce_avx512(acc[r]) / scale;
 	}
 }
 

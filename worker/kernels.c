@@ -248,20 +248,6 @@ matmul_avx2(float *out, int out_stride, const float *x, int n_tokens,
 
 /* ---- AVX-512 path: 16 lanes in one register ----------------------------- */
 
-__attribute__((target("avx512f,avx512dq,fma"))) static inline float
-reduce_avx512(__m512 acc)
-{
-	__m256 r8 = _mm256_add_ps(_mm512_castps512_ps256(acc),
-				  _mm512_extractf32x8_ps(acc, 1));
-	__m128 r4 = _mm_add_ps(_mm256_castps256_ps128(r8),
-			       _mm256_extractf128_ps(r8, 1));
-	__m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
-	__m128 r1 = _mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1));
-
-	return _mm_cvtss_f32(r1);
-}
-
-
 /*
  * Computes an R x T tile of dot products (R rows of w against T tokens of
  * x) over elements [k_begin, k_end) of each row, with R at most 8 and T at
@@ -603,6 +589,25 @@ exp_avx512(__m512 x)
 
 
 /*
+ * Returns the largest of x (n), starting from x[0]. max_ps returns its
+ * second operand when either is NaN, so NaN values after x[0] are left out.
+ */
+__attribute__((target("avx512f,avx512dq"))) static float
+max_avx512(const float *x, int n)
+{
+	__m512 max = _mm512_set1_ps(x[0]);
+
+	for (int i = 0; i < n; i += LANES) {
+		__mmask16 mask = lanes_mask(n - i);
+
+		max = _mm512_mask_max_ps(max, mask,
+					 _mm512_maskz_loadu_ps(mask, x + i), max);
+	}
+	return _mm512_reduce_max_ps(max);
+}
+
+
+/*
  * Softmax: the maximum, then exp(x - max) summed in 16 lanes (element i in
  * lane i % 16) reduced by the tree of kernel_dot, then a division by the sum.
  */
@@ -628,17 +633,10 @@ static void softmax_scalar(float *x, int n)
 __attribute__((target("avx512f,avx512dq,fma"))) static void
 softmax_avx512(float *x, int n)
 {
-	__m512 max = _mm512_set1_ps(x[0]);
+	__m512 max = _mm512_set1_ps(max_avx512(x, n));
 	__m512 lanes = _mm512_setzero_ps();
 	__m512 sum;
 
-	for (int i = 0; i < n; i += LANES) {
-		__mmask16 mask = lanes_mask(n - i);
-
-		max = _mm512_mask_max_ps(max, mask,
-					 _mm512_maskz_loadu_ps(mask, x + i), max);
-	}
-	max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
 	for (int i = 0; i < n; i += LANES) {
 		__mmask16 mask = lanes_mask(n - i);
 		__m512 e = exp_avx512(_mm512_sub_ps(
@@ -670,17 +668,8 @@ void kernel_softmax(float *x, int n)
 __attribute__((target("avx512f,avx512dq"))) static int32_t
 argmax_avx512(const float *x, int32_t n)
 {
-	__m512 max = _mm512_set1_ps(x[0]);
-	__m512 top;
+	__m512 top = _mm512_set1_ps(max_avx512(x, n));
 
-	/* max_ps returns its second operand when either is NaN. */
-	for (int32_t i = 0; i < n; i += LANES) {
-		__mmask16 mask = lanes_mask(n - i);
-
-		max = _mm512_mask_max_ps(max, mask,
-					 _mm512_maskz_loadu_ps(mask, x + i), max);
-	}
-	top = _mm512_set1_ps(_mm512_reduce_max_ps(max));
 	for (int32_t i = 0; i < n; i += LANES) {
 		__mmask16 mask = lanes_mask(n - i);
 		__mmask16 equal = _mm512_mask_cmp_ps_mask(

@@ -15,6 +15,24 @@ static inline __mmask16 lanes_mask(int left)
 }
 
 /*
+ * Reduces a 16-lane sum by the tree of kernel_dot: lanes (j, j + 8), then
+ * (j, j + 4), (j, j + 2) and (j, j + 1).
+ */
+__attribute__((target("avx512f,avx512dq"))) static inline float
+reduce_avx512(__m512 acc)
+{
+	__m256 r8 = _mm256_add_ps(_mm512_castps512_ps256(acc),
+				  _mm512_extractf32x8_ps(acc, 1));
+	__m128 r4 = _mm_add_ps(_mm256_castps256_ps128(r8),
+			       _mm256_extractf128_ps(r8, 1));
+	__m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
+	__m128 r1 = _mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1));
+
+	return _mm_cvtss_f32(r1);
+}
+
+
+/*
  * Reduces four 16-lane sums by the tree of kernel_dot, all four at once:
  * each step adds the same pairs of lanes as for one sum, after shuffles
  * that bring the pairs of all four into one register. Returns the four
